@@ -1,0 +1,301 @@
+"""Parity policy: per-stage, per-dtype warn/fail bounds on metrics, loaded from a versioned TOML.
+
+File format (`schema_version = 1`, see `parity/policies/default.toml`)::
+
+    schema_version = 1
+    name = "default"
+    description = "..."            # optional
+
+    [stage.unet.float32]           # stage in parity.results.STAGES, dtype float32/float16/bfloat16
+    rtol = 1e-3                    # optional: closeness test behind mismatch_ratio
+    atol = 1e-4                    #   (default: torch.testing's rtol/atol for the dtype)
+    rel_l2 = { warn = 1e-6, fail = 1e-5 }   # upper bound: metric name
+    cosine_min = { warn = 0.999, fail = 0.99 }  # lower bound: metric name + "_min"
+    max_abs = 1e-3                 # a bare number is a fail bound (warn = fail)
+
+    [stage.tokens.float32]
+    exact = true                   # bitwise equality: mismatches = { warn = 0, fail = 0 }
+
+Metric names are those of `parity.metrics.METRIC_DIRECTIONS`. A value beyond `fail` fails,
+beyond `warn` warns; a value equal to a bound passes it. `warn` must be at least as strict as
+`fail`. Besides the file's bounds, every judgement fails on NaN/Inf in either tensor and on a
+NaN metric. A bound applies to the metrics objects that define that metric; judging metrics to
+which no bound of the stage applies is an error, so nothing passes by having no gate.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the same parser, published as tomli
+    import tomli as tomllib
+
+from parity.metrics import METRIC_DIRECTIONS, TensorMetrics, format_bound, format_value
+from parity.results import STAGES, StageResult, TensorResult, Verdict
+
+__all__ = ["DTYPES", "TORCH_TOLERANCES", "Bound", "Judgement", "Policy", "PolicyError",
+           "StagePolicy", "Verdict", "load_policy"]
+
+SCHEMA_VERSION = 1
+DTYPES: Tuple[str, ...] = ("float32", "float16", "bfloat16")
+# torch.testing.assert_close defaults (rtol, atol).
+TORCH_TOLERANCES: Dict[str, Tuple[float, float]] = {
+    "float32": (1.3e-6, 1e-5), "float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5)}
+
+
+class PolicyError(ValueError):
+    """A malformed policy file, or a judgement the policy cannot make."""
+
+
+class Judgement(NamedTuple):
+    """Verdict plus the violated bounds, fail bounds first ("rel_l2 3.20e-05 > fail 1e-05")."""
+
+    verdict: Verdict
+    reasons: List[str]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """warn/fail bounds on one metric; `direction` "max" (upper bound) or "min" (lower)."""
+
+    metric: str
+    direction: str
+    warn: float
+    fail: float
+
+    @property
+    def key(self) -> str:
+        """The name used in the TOML file."""
+        return self.metric if self.direction == "max" else f"{self.metric}_min"
+
+    def check(self, value: float) -> Tuple[Verdict, Optional[str]]:
+        value = float(value)
+        if math.isnan(value):
+            return Verdict.FAIL, f"{self.metric} is nan"
+        op, beyond = (">", lambda b: value > b) if self.direction == "max" else (
+            "<", lambda b: value < b)
+        for verdict, level, b in ((Verdict.FAIL, "fail", self.fail),
+                                  (Verdict.WARN, "warn", self.warn)):
+            if beyond(b):
+                return verdict, (f"{self.metric} {format_value(value)} {op} {level} "
+                                 f"{format_bound(b)}")
+        return Verdict.PASS, None
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    bounds: Tuple[Bound, ...]
+    rtol: float
+    atol: float
+
+
+@dataclass
+class Policy:
+    """A loaded policy; `judge` is the only place verdicts come from."""
+
+    name: str
+    stages: Dict[str, Dict[str, StagePolicy]]
+    description: str = ""
+    source: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def _get(self, stage: str, dtype: str) -> StagePolicy:
+        if stage not in self.stages:
+            raise PolicyError(f"policy '{self.name}' has no bounds for stage {stage!r} "
+                              f"(it covers: {', '.join(self.stages) or 'nothing'})")
+        if dtype not in self.stages[stage]:
+            raise PolicyError(f"policy '{self.name}' has no bounds for stage {stage!r} with "
+                              f"dtype {dtype!r} (it covers: {', '.join(self.stages[stage])})")
+        return self.stages[stage][dtype]
+
+    def tolerances(self, stage: str, dtype: str) -> Dict[str, float]:
+        """`{"rtol": ..., "atol": ...}` to pass to `parity.metrics.compare` for this stage."""
+        sp = self._get(stage, dtype)
+        return {"rtol": sp.rtol, "atol": sp.atol}
+
+    def limits(self, stage: str, dtype: str) -> Dict[str, Dict[str, float]]:
+        """Bounds as `{toml_key: {"warn": w, "fail": f}}` (stored in StageResult for plots)."""
+        return {b.key: {"warn": b.warn, "fail": b.fail} for b in self._get(stage, dtype).bounds}
+
+    def judge(self, stage: str, dtype: str, metrics: Any) -> Judgement:
+        """Verdict of one comparison (any metrics object of `parity.metrics`)."""
+        sp = self._get(stage, dtype)
+        values = metrics.values()
+        fails: List[str] = []
+        warns: List[str] = []
+        for side in ("port", "ref"):
+            n = getattr(metrics, f"nonfinite_{side}", 0)
+            if n:
+                fails.append(f"{side} has {n} non-finite values (NaN/Inf)")
+        applied = [b for b in sp.bounds if b.metric in values]
+        if not applied:
+            raise PolicyError(
+                f"policy '{self.name}' stage {stage!r} ({dtype}) has no bound on any metric of "
+                f"{type(metrics).__name__} ({', '.join(values)})")
+        if isinstance(metrics, TensorMetrics) and any(b.metric == "mismatch_ratio"
+                                                      for b in applied):
+            if not (math.isclose(metrics.rtol, sp.rtol, rel_tol=1e-9)
+                    and math.isclose(metrics.atol, sp.atol, rel_tol=1e-9)):
+                raise PolicyError(
+                    f"metrics computed with rtol={metrics.rtol:g}, atol={metrics.atol:g} but "
+                    f"policy '{self.name}' bounds mismatch_ratio of stage {stage!r} ({dtype}) "
+                    f"with rtol={sp.rtol:g}, atol={sp.atol:g}; use policy.tolerances()")
+        for b in applied:
+            verdict, reason = b.check(values[b.metric])
+            if verdict == Verdict.FAIL:
+                fails.append(reason)
+            elif verdict == Verdict.WARN:
+                warns.append(reason)
+        verdict = Verdict.FAIL if fails else (Verdict.WARN if warns else Verdict.PASS)
+        return Judgement(verdict, fails + warns)
+
+    def tensor_result(self, stage: str, dtype: str, name: str, metrics: Any,
+                      step: Optional[int] = None) -> TensorResult:
+        """Judge `metrics` and wrap them as a `TensorResult`."""
+        verdict, reasons = self.judge(stage, dtype, metrics)
+        return TensorResult(name=name, step=step, metrics=metrics, verdict=verdict,
+                            reasons=reasons)
+
+    def stage_result(self, stage: str, dtype: str, tensors: Iterable[TensorResult],
+                     **kwargs) -> StageResult:
+        """`StageResult.build` with this policy's bounds recorded as the stage's limits."""
+        kwargs.setdefault("limits", self.limits(stage, dtype))
+        return StageResult.build(stage, tensors, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+_TOP_KEYS = {"schema_version", "name", "description", "stage"}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{where}: expected a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise PolicyError(f"{where}: bound is nan")
+    return value
+
+
+def _parse_bound(key: str, value: Any, where: str) -> Bound:
+    if key.endswith("_min") and key[:-4] in METRIC_DIRECTIONS:
+        metric, direction = key[:-4], "min"
+        if METRIC_DIRECTIONS[metric] != "min":
+            raise PolicyError(f"{where}: {metric!r} is an upper-bound metric; write {metric!r}, "
+                              f"not {key!r}")
+    elif key in METRIC_DIRECTIONS:
+        metric, direction = key, "max"
+        if METRIC_DIRECTIONS[metric] != "max":
+            raise PolicyError(f"{where}: {metric!r} is a lower-bound metric; write "
+                              f"'{metric}_min', not {key!r}")
+    else:
+        known = sorted(m if d == "max" else f"{m}_min" for m, d in METRIC_DIRECTIONS.items())
+        raise PolicyError(f"{where}: unknown metric {key!r} (known: {', '.join(known)}, "
+                          f"rtol, atol, exact)")
+    if isinstance(value, dict):
+        extra = set(value) - {"warn", "fail"}
+        if extra or "fail" not in value:
+            raise PolicyError(f"{where}: bound must be {{ warn = ..., fail = ... }} "
+                              f"('warn' optional), got keys {sorted(value)}")
+        fail = _number(value["fail"], f"{where}.fail")
+        warn = _number(value.get("warn", fail), f"{where}.warn")
+    else:
+        fail = warn = _number(value, where)
+    if (direction == "max" and warn > fail) or (direction == "min" and warn < fail):
+        raise PolicyError(f"{where}: warn {format_bound(warn)} is looser than fail "
+                          f"{format_bound(fail)}")
+    return Bound(metric=metric, direction=direction, warn=warn, fail=fail)
+
+
+def _parse_stage_dtype(table: Any, dtype: str, where: str) -> StagePolicy:
+    if not isinstance(table, dict):
+        raise PolicyError(f"{where}: expected a table")
+    rtol, atol = TORCH_TOLERANCES[dtype]
+    bounds: List[Bound] = []
+    for key, value in table.items():
+        kw = f"{where}.{key}"
+        if key == "rtol":
+            rtol = _number(value, kw)
+        elif key == "atol":
+            atol = _number(value, kw)
+        elif key == "exact":
+            if value is not True:
+                raise PolicyError(f"{kw}: only 'exact = true' is meaningful, got {value!r}")
+            bounds.append(Bound("mismatches", "max", 0.0, 0.0))
+        else:
+            bounds.append(_parse_bound(key, value, kw))
+    if not bounds:
+        raise PolicyError(f"{where}: no bounds")
+    if rtol < 0 or atol < 0:
+        raise PolicyError(f"{where}: rtol and atol must be >= 0")
+    metrics = [b.metric for b in bounds]
+    dup = {m for m in metrics if metrics.count(m) > 1}
+    if dup:
+        raise PolicyError(f"{where}: metric bounded twice: {', '.join(sorted(dup))}")
+    return StagePolicy(bounds=tuple(bounds), rtol=rtol, atol=atol)
+
+
+def parse_policy(data: Dict[str, Any], source: str = "<dict>") -> Policy:
+    """Validate a parsed TOML document and build the `Policy`."""
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PolicyError(f"{source}: unknown top-level keys {sorted(unknown)} "
+                          f"(allowed: {sorted(_TOP_KEYS)})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise PolicyError(f"{source}: schema_version must be {SCHEMA_VERSION}, got "
+                          f"{data.get('schema_version')!r}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise PolicyError(f"{source}: 'name' must be a non-empty string")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise PolicyError(f"{source}: 'description' must be a string")
+    stages_in = data.get("stage")
+    if not isinstance(stages_in, dict) or not stages_in:
+        raise PolicyError(f"{source}: no [stage.<name>.<dtype>] tables")
+    stages: Dict[str, Dict[str, StagePolicy]] = {}
+    for stage, per_dtype in stages_in.items():
+        if stage not in STAGES:
+            raise PolicyError(f"{source}: unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        if not isinstance(per_dtype, dict) or not per_dtype:
+            raise PolicyError(f"{source}: stage.{stage} must hold [stage.{stage}.<dtype>] tables")
+        stages[stage] = {}
+        for dtype, table in per_dtype.items():
+            if dtype not in DTYPES:
+                raise PolicyError(f"{source}: stage.{stage}: unknown dtype {dtype!r} "
+                                  f"(known: {', '.join(DTYPES)})")
+            stages[stage][dtype] = _parse_stage_dtype(table, dtype,
+                                                      f"{source}: stage.{stage}.{dtype}")
+    ordered = {s: stages[s] for s in STAGES if s in stages}
+    return Policy(name=name, stages=ordered, description=description, source=source)
+
+
+def load_policy(path: Union[str, os.PathLike, None] = None) -> Policy:
+    """Load a policy file. `None` loads the packaged `default` policy; a bare name without a
+    path separator or ".toml" suffix (e.g. "default") loads the packaged policy of that name."""
+    if path is None:
+        path = "default"
+    text_path = os.fspath(path)
+    if not text_path.endswith(".toml") and os.sep not in text_path and "/" not in text_path:
+        resource = importlib.resources.files("parity").joinpath(f"policies/{text_path}.toml")
+        if not resource.is_file():
+            raise PolicyError(f"no packaged policy named {text_path!r}")
+        source, raw = f"policies/{text_path}.toml", resource.read_bytes()
+    else:
+        try:
+            raw = Path(text_path).read_bytes()
+        except OSError as e:
+            raise PolicyError(f"cannot read policy file {text_path}: {e.strerror or e}") from None
+        source = text_path
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{source}: invalid TOML: {e}") from None
+    return parse_policy(data, source)

@@ -1,0 +1,54 @@
+"""JUnit XML: one testsuite, one testcase per stage, so CI shows the parity run as a test list.
+
+FAIL stages carry a `<failure>` (message = first failure, body = every failing comparison),
+SKIP stages a `<skipped>`, and WARN stages pass with their warnings in `<system-out>`.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from parity.reports.markdown import first_failure_text, meta_value
+from parity.results import ParityReport, Verdict
+
+MAX_BODY_LINES = 200
+
+
+def _lines(stage, verdict: Verdict):
+    out = []
+    for t in stage.tensors:
+        if t.verdict == verdict:
+            where = t.name if t.step is None else f"{t.name} step {t.step}"
+            out.append(f"{where}: {'; '.join(t.reasons)}")
+    if len(out) > MAX_BODY_LINES:
+        out = out[:MAX_BODY_LINES] + [f"... {len(out) - MAX_BODY_LINES} more"]
+    return out
+
+
+def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
+    stages = report.ordered_stages()
+    n_fail = sum(s.verdict == Verdict.FAIL for s in stages)
+    n_skip = sum(s.verdict == Verdict.SKIP for s in stages)
+    attrs = {"name": suite_name, "tests": str(len(stages)), "failures": str(n_fail),
+             "errors": "0", "skipped": str(n_skip)}
+    root = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(root, "testsuite", dict(attrs, timestamp=report.created))
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", {"name": "headline", "value": report.headline()})
+    for key in sorted(report.meta):
+        ET.SubElement(props, "property", {"name": str(key), "value": meta_value(report.meta[key])})
+    for s in stages:
+        case = ET.SubElement(suite, "testcase", {"classname": suite_name, "name": s.name,
+                                                 "time": "0"})
+        if s.verdict == Verdict.FAIL:
+            msg = first_failure_text(s)
+            if msg == "-":
+                msg = s.notes[0] if s.notes else "stage failed"
+            fail = ET.SubElement(case, "failure", {"message": f"stage '{s.name}': {msg}",
+                                                   "type": "ParityFailure"})
+            fail.text = "\n".join(_lines(s, Verdict.FAIL) + [f"note: {n}" for n in s.notes])
+        elif s.verdict == Verdict.SKIP:
+            ET.SubElement(case, "skipped", {"message": "; ".join(s.notes) or "not run"})
+        out = [f"worst: {s.worst_metric()}"] + _lines(s, Verdict.WARN)
+        ET.SubElement(case, "system-out").text = "\n".join(out)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,0 +1,108 @@
+"""`report.md`: the headline as line 1, a summary table, then one table per stage.
+
+Also holds the table layout (which metric columns a stage shows) shared with `html.py`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+from parity.metrics import ExactMetrics, ImageMetrics, TensorMetrics, format_value
+from parity.results import ParityReport, StageResult, TensorResult
+
+# Columns shown per metrics kind, in order (the CSV has all of them).
+DISPLAY_COLUMNS = {
+    TensorMetrics: ("rel_l2", "cosine", "max_abs", "mean_abs", "max_rel", "psnr_db",
+                    "mismatch_ratio"),
+    ImageMetrics: ("psnr_db", "ssim", "max_abs_255", "mean_abs_255"),
+    ExactMetrics: ("mismatches", "mismatch_ratio"),
+}
+
+
+def stage_columns(tensors: Sequence[TensorResult]) -> List[str]:
+    """Union of the display columns of the metric kinds present, in first-seen order."""
+    cols: List[str] = []
+    for t in tensors:
+        for c in DISPLAY_COLUMNS.get(type(t.metrics), ()):
+            if c not in cols:
+                cols.append(c)
+    return cols
+
+
+def cell(t: TensorResult, column: str) -> str:
+    """Formatted value of `column` for `t`, or "" when its metrics lack that column."""
+    v = getattr(t.metrics, column, None)
+    if v is None:
+        return ""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return format_value(v)
+
+
+def first_failure_text(stage: StageResult) -> str:
+    if stage.first_failure is None:
+        return "-"
+    name, step = stage.first_failure
+    t = stage.find(name, step)
+    where = f"{name}" if step is None else f"{name}, step {step}"
+    return f"{where}: {t.reasons[0]}" if t is not None and t.reasons else where
+
+
+def meta_value(v: Any, limit: int = 300) -> str:
+    """Short one-line rendering of a meta value."""
+    s = v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _md(text: Any) -> str:
+    """Escape a table cell: pipes and newlines would break the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    out = ["| " + " | ".join(_md(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] = None) -> str:
+    """Markdown text of `report`. `image_paths` maps a stored image path to the path to link
+    (when the Markdown file is written somewhere else than the report directory)."""
+    image_paths = image_paths or {}
+    lines = [report.headline(), ""]
+    lines.append(f"- verdict: **{report.verdict.value.upper()}**")
+    lines.append(f"- created: {report.created}")
+    for key in sorted(report.meta):
+        lines.append(f"- {key}: `{meta_value(report.meta[key])}`")
+    lines += ["", "## Summary", ""]
+    stages = report.ordered_stages()
+    lines += _table(["stage", "verdict", "worst metric", "first failure"],
+                    [[s.name, s.verdict.value.upper(), s.worst_metric(), first_failure_text(s)]
+                     for s in stages])
+    for s in stages:
+        lines += ["", f"## Stage `{s.name}`: {s.verdict.value.upper()}", ""]
+        for note in s.notes:
+            lines.append(f"- note: {note}")
+        if s.limits:
+            lines.append("- policy bounds: " + ", ".join(
+                f"{k} warn {v['warn']:g} / fail {v['fail']:g}" for k, v in s.limits.items()))
+        if s.notes or s.limits:
+            lines.append("")
+        if s.images:
+            lines.append(" ".join(f"![{role}]({image_paths.get(p, p)})"
+                                  for role, p in s.images.items()))
+            lines.append("")
+        if s.tensors:
+            cols = stage_columns(s.tensors)
+            rows = [[t.name, "" if t.step is None else t.step, t.verdict.value.upper()]
+                    + [cell(t, c) for c in cols] + ["; ".join(t.reasons)] for t in s.tensors]
+            lines += _table(["tensor", "step", "verdict"] + cols + ["reasons"], rows)
+        if s.per_step:
+            names = list(s.per_step)
+            n = max(len(v) for v in s.per_step.values())
+            lines += ["", "Per-step series:", ""]
+            lines += _table(["step"] + names, [
+                [i] + [format_value(s.per_step[k][i]) if i < len(s.per_step[k]) else ""
+                       for k in names] for i in range(n)])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,314 @@
+"""Result objects of a parity run: tensor -> stage -> report, with a JSON-safe round trip.
+
+A `ParityReport` is the single source of truth; every rendering (JSON, Markdown, HTML, JUnit,
+CSV) is derived from it, and `ParityReport.from_dict(report.to_dict())` rebuilds it exactly, so
+`sdxl-parity report DIR` can re-render from `report.json` alone.
+
+Stages run in a fixed order (`STAGES`); "first failure" means the first failing stage in that
+order and, inside it, the failing tensor with the earliest step (tensors without a step count
+as step -1, i.e. before any step), ties broken by the order the runner recorded them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from parity.metrics import (ExactMetrics, ImageMetrics, TensorMetrics, decode_float,
+                            encode_float, format_value, metrics_from_dict)
+
+SCHEMA_VERSION = 1
+STAGES: Tuple[str, ...] = ("tokens", "conditioner", "unet", "sampler", "trajectory", "decode",
+                           "image")
+
+Metrics = Union[TensorMetrics, ExactMetrics, ImageMetrics]
+
+
+class Verdict(str, Enum):
+    """Outcome of a judgement. `SKIP` marks a stage that was not compared; it never makes a
+    report worse, but a report where nothing ran is SKIP, not PASS."""
+
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+    @property
+    def rank(self) -> int:
+        return {"skip": -1, "pass": 0, "warn": 1, "fail": 2}[self.value]
+
+    @staticmethod
+    def worst(verdicts: Iterable["Verdict"]) -> "Verdict":
+        """Worst of `verdicts` (FAIL > WARN > PASS > SKIP); SKIP for an empty input."""
+        out = Verdict.SKIP
+        for v in verdicts:
+            v = Verdict(v)
+            if v.rank > out.rank:
+                out = v
+        return out
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _step_key(step: Optional[int]) -> int:
+    return -1 if step is None else int(step)
+
+
+@dataclass
+class TensorResult:
+    """One judged comparison: a named tensor, at a sampling step or not (`step=None`).
+    `reasons` lists the violated bounds, fail bounds first (see `parity.policy`)."""
+
+    name: str
+    step: Optional[int]
+    metrics: Metrics
+    verdict: Verdict
+    reasons: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "step": self.step, "verdict": self.verdict.value,
+                "reasons": list(self.reasons), "metrics": self.metrics.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorResult":
+        return cls(name=d["name"], step=None if d.get("step") is None else int(d["step"]),
+                   metrics=metrics_from_dict(d["metrics"]), verdict=Verdict(d["verdict"]),
+                   reasons=list(d.get("reasons", [])))
+
+
+def derive_per_step(tensors: Iterable[TensorResult], metric: str = "rel_l2"
+                    ) -> Dict[str, List[float]]:
+    """Per-step series `"<tensor>.<metric>"` from the stepped float-tensor results; index i is
+    step i (NaN where a step is missing)."""
+    by_name: Dict[str, Dict[int, float]] = {}
+    for t in tensors:
+        if t.step is not None and isinstance(t.metrics, TensorMetrics):
+            by_name.setdefault(t.name, {})[int(t.step)] = float(getattr(t.metrics, metric))
+    out = {}
+    for name, steps in by_name.items():
+        out[f"{name}.{metric}"] = [steps.get(i, math.nan) for i in range(max(steps) + 1)]
+    return out
+
+
+@dataclass
+class StageResult:
+    """All comparisons of one stage.
+
+    `per_step` maps a series name (by convention `"<tensor>.<metric>"`) to one value per step;
+    `images` maps a role ("ref", "port", "diff", or any label) to a PNG path relative to the
+    report directory; `limits` optionally records the policy bounds of this stage
+    (`{metric_key: {"warn": w, "fail": f}}`) so plots can draw them.
+    """
+
+    name: str
+    verdict: Verdict
+    tensors: List[TensorResult] = field(default_factory=list)
+    per_step: Dict[str, List[float]] = field(default_factory=dict)
+    images: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    first_failure: Optional[Tuple[str, Optional[int]]] = None
+    limits: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, name: str, tensors: Iterable[TensorResult], *,
+              per_step: Optional[Dict[str, List[float]]] = None,
+              images: Optional[Dict[str, str]] = None, notes: Optional[List[str]] = None,
+              limits: Optional[Dict[str, Dict[str, float]]] = None,
+              verdict: Optional[Verdict] = None) -> "StageResult":
+        """Stage from its judged tensors: verdict = worst tensor verdict (or `verdict` if given
+        and worse, e.g. FAIL when the runner raised), first_failure computed, per_step derived
+        from the stepped tensors' rel_l2 when not given."""
+        tensors = list(tensors)
+        v = Verdict.worst([t.verdict for t in tensors] + ([verdict] if verdict else []))
+        stage = cls(name=name, verdict=v, tensors=tensors,
+                    per_step=derive_per_step(tensors) if per_step is None else dict(per_step),
+                    images=dict(images or {}), notes=list(notes or []),
+                    limits=dict(limits or {}))
+        first = stage.first_tensor(Verdict.FAIL)
+        stage.first_failure = None if first is None else (first.name, first.step)
+        return stage
+
+    @classmethod
+    def skipped(cls, name: str, why: str) -> "StageResult":
+        """A stage that was not compared, with the reason as its note."""
+        return cls(name=name, verdict=Verdict.SKIP, notes=[why])
+
+    def first_tensor(self, verdict: Verdict) -> Optional[TensorResult]:
+        """Earliest-step tensor with exactly `verdict` (recording order breaks ties)."""
+        hits = [(i, t) for i, t in enumerate(self.tensors) if t.verdict == verdict]
+        if not hits:
+            return None
+        return min(hits, key=lambda it: (_step_key(it[1].step), it[0]))[1]
+
+    def find(self, name: str, step: Optional[int]) -> Optional[TensorResult]:
+        for t in self.tensors:
+            if t.name == name and t.step == step:
+                return t
+        return None
+
+    def worst_metric(self) -> str:
+        """One-line summary of the stage's worst number per metric kind, e.g.
+        "rel_l2 3.20e-07 (latents, step 4)"."""
+        parts = []
+        floats = [t for t in self.tensors if isinstance(t.metrics, TensorMetrics)]
+        if floats:
+            t = max(floats, key=lambda t: _nan_high(t.metrics.rel_l2))
+            parts.append(f"rel_l2 {format_value(t.metrics.rel_l2)} ({_where(t)})")
+        images = [t for t in self.tensors if isinstance(t.metrics, ImageMetrics)]
+        if images:
+            t = min(images, key=lambda t: -_nan_high(-t.metrics.psnr_db))  # NaN psnr is worst
+            parts.append(f"psnr {format_value(t.metrics.psnr_db)} dB, ssim "
+                         f"{format_value(t.metrics.ssim)} ({_where(t)})")
+        exact = [t for t in self.tensors if isinstance(t.metrics, ExactMetrics)]
+        if exact:
+            t = max(exact, key=lambda t: t.metrics.mismatches)
+            parts.append(f"mismatches {t.metrics.mismatches}/{t.metrics.numel} ({_where(t)})")
+        return "; ".join(parts) if parts else "-"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "verdict": self.verdict.value,
+            "first_failure": None if self.first_failure is None else {
+                "tensor": self.first_failure[0], "step": self.first_failure[1]},
+            "notes": list(self.notes),
+            "images": dict(self.images),
+            "limits": {k: {b: encode_float(x) for b, x in v.items()}
+                       for k, v in self.limits.items()},
+            "per_step": {k: [encode_float(x) for x in v] for k, v in self.per_step.items()},
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageResult":
+        ff = d.get("first_failure")
+        return cls(
+            name=d["name"], verdict=Verdict(d["verdict"]),
+            tensors=[TensorResult.from_dict(t) for t in d.get("tensors", [])],
+            per_step={k: [decode_float(x) for x in v] for k, v in d.get("per_step", {}).items()},
+            images=dict(d.get("images", {})), notes=list(d.get("notes", [])),
+            first_failure=None if ff is None else (
+                ff["tensor"], None if ff.get("step") is None else int(ff["step"])),
+            limits={k: {b: decode_float(x) for b, x in v.items()}
+                    for k, v in d.get("limits", {}).items()})
+
+
+def _nan_high(v: float) -> float:
+    """Sort key that ranks NaN as the worst (largest) value."""
+    return math.inf if math.isnan(v) else v
+
+
+def _where(t: TensorResult) -> str:
+    return t.name if t.step is None else f"{t.name}, step {t.step}"
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def ordered_stage_names(names: Iterable[str]) -> List[str]:
+    """Known stages in `STAGES` order, then unknown ones in their given order."""
+    names = list(names)
+    known = [s for s in STAGES if s in names]
+    return known + [n for n in names if n not in STAGES]
+
+
+@dataclass
+class ParityReport:
+    """A whole parity run. `meta` carries the run description (versions, config, prompts,
+    seeds, sampler, steps, dtype, checkpoint, policy name); `meta["policy"]` and
+    `meta["dtype"]` appear in the headline."""
+
+    schema_version: int
+    verdict: Verdict
+    stages: Dict[str, StageResult]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_utc_now)
+
+    @classmethod
+    def build(cls, stages: Union[Iterable[StageResult], Mapping[str, StageResult]],
+              meta: Optional[Mapping[str, Any]] = None,
+              created: Optional[str] = None) -> "ParityReport":
+        """Report from stage results (any order): stages sorted into `STAGES` order, verdict =
+        worst stage verdict."""
+        if isinstance(stages, Mapping):
+            stages = list(stages.values())
+        by_name = {}
+        for s in stages:
+            if s.name in by_name:
+                raise ValueError(f"stage {s.name!r} given twice")
+            by_name[s.name] = s
+        ordered = {n: by_name[n] for n in ordered_stage_names(by_name)}
+        return cls(schema_version=SCHEMA_VERSION,
+                   verdict=Verdict.worst(s.verdict for s in ordered.values()),
+                   stages=ordered, meta=dict(meta or {}), created=created or _utc_now())
+
+    @property
+    def ok(self) -> bool:
+        """True for PASS or WARN: what a CI gate should accept."""
+        return self.verdict in (Verdict.PASS, Verdict.WARN)
+
+    def ordered_stages(self) -> List[StageResult]:
+        return [self.stages[n] for n in ordered_stage_names(self.stages)]
+
+    def headline(self) -> str:
+        """First line of every report: the verdict and, for FAIL/WARN, where it first happened."""
+        policy = self.meta.get("policy", "?")
+        dtype = self.meta.get("dtype", "?")
+        stages = self.ordered_stages()
+        ran = [s for s in stages if s.verdict != Verdict.SKIP]
+        not_run = [n for n in STAGES if n not in self.stages] + [
+            s.name for s in stages if s.verdict == Verdict.SKIP]
+        not_run = [n for n in ordered_stage_names(not_run)]
+        tail = f"; not run: {', '.join(not_run)}" if not_run else ""
+        if self.verdict == Verdict.FAIL:
+            stage = next(s for s in ran if s.verdict == Verdict.FAIL)
+            t = stage.find(*stage.first_failure) if stage.first_failure else None
+            if t is None:
+                why = stage.notes[0] if stage.notes else "stage failed"
+                return f"FAIL at stage '{stage.name}': {why}"
+            where = "" if t.step is None else f", step {t.step}"
+            why = t.reasons[0] if t.reasons else "verdict fail"
+            return f"FAIL at stage '{stage.name}'{where}, tensor '{t.name}': {why}"
+        if self.verdict == Verdict.WARN:
+            stage = next(s for s in ran if s.verdict == Verdict.WARN)
+            t = stage.first_tensor(Verdict.WARN)
+            if t is None:
+                first = f"stage '{stage.name}': " + (stage.notes[0] if stage.notes else "warning")
+            else:
+                where = "" if t.step is None else f", step {t.step}"
+                first = (f"stage '{stage.name}'{where}, tensor '{t.name}': "
+                         f"{t.reasons[0] if t.reasons else 'verdict warn'}")
+            n_pass = sum(s.verdict == Verdict.PASS for s in ran)
+            return (f"WARN: {len(ran)}/{len(ran)} stages within the fail bounds of policy "
+                    f"'{policy}' ({dtype}), {n_pass} within warn bounds; first warning at "
+                    f"{first}{tail}")
+        if self.verdict == Verdict.PASS:
+            return f"PASS: {len(ran)}/{len(ran)} stages within policy '{policy}' ({dtype}){tail}"
+        return f"SKIP: no stage was compared (policy '{policy}', {dtype})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe dict (non-finite floats as the strings 'inf', '-inf', 'nan')."""
+        return {
+            "schema_version": self.schema_version,
+            "headline": self.headline(),
+            "verdict": self.verdict.value,
+            "created": self.created,
+            "meta": self.meta,
+            "stage_order": list(self.stages),
+            "stages": {n: s.to_dict() for n, s in self.stages.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParityReport":
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported report schema_version {version!r} "
+                             f"(this code reads {SCHEMA_VERSION})")
+        order = d.get("stage_order", list(d["stages"]))
+        return cls(schema_version=version, verdict=Verdict(d["verdict"]),
+                   stages={n: StageResult.from_dict(d["stages"][n]) for n in order},
+                   meta=dict(d.get("meta", {})), created=d.get("created", ""))

@@ -1,0 +1,155 @@
+"""CLIP ViT-L/14 text transformer in Hugging Face layout (sgm embedder 0).
+
+sgm wraps a `transformers.CLIPTextModel`, so the checkpoint keeps Hugging Face names under
+`conditioner.embedders.0.transformer.`; this module tree reproduces them (including the
+k, v, q, out projection order of the state dict). The helpers at the top (causal mask, EOS
+pooling, activation by name) are shared with the OpenCLIP tower.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from ..config import TextEncoderConfig
+from ..nn.layers import Embedding, LayerNorm, Linear, attention, gelu, quick_gelu
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
+def as_ids(ids) -> Tensor:
+    """Token ids as an int32 Tensor (accepts numpy arrays, lists and Tensors)."""
+    if isinstance(ids, Tensor):
+        return ids.astype(ms.int32)
+    return Tensor(np.asarray(ids, dtype=np.int32))
+
+
+def causal_mask(length: int) -> Tensor:
+    """Additive (1, 1, L, L) mask: position i attends to positions <= i.
+
+    The most negative float32 rather than -inf keeps the softmax NaN-free; the masked
+    probabilities still underflow to exactly 0.
+    """
+    mask = np.triu(np.full((length, length), np.finfo(np.float32).min, np.float32), k=1)
+    return Tensor(mask.reshape(1, 1, length, length))
+
+
+def eos_positions(ids: Tensor) -> Tensor:
+    """Index of the first maximal id per row: the EOS token, which has the largest id (49407).
+
+    A unique-score argmax, so ties (CLIP-L pads with EOS too) resolve to the first occurrence
+    as torch.argmax does, whatever the backend's tie rule.
+    """
+    length = ids.shape[-1]
+    rank = Tensor(np.arange(length - 1, -1, -1, dtype=np.int32))  # larger for earlier positions
+    score = ids.astype(ms.int32) * length + rank
+    return ops.argmax(score, dim=-1).astype(ms.int32)
+
+
+def gather_rows(x: Tensor, positions: Tensor) -> Tensor:
+    """x[b, positions[b]] for x (B, L, W) -> (B, W)."""
+    b, length, width = x.shape
+    flat = Tensor(np.arange(b, dtype=np.int32) * length) + positions
+    return ops.gather(x.reshape(b * length, width), flat, 0)
+
+
+class CLIPAttention(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        w = cfg.width
+        self.heads = cfg.heads
+        # creation order = Hugging Face state-dict order (k, v, q, out)
+        self.k_proj = Linear(w, w, dtype=dtype)
+        self.v_proj = Linear(w, w, dtype=dtype)
+        self.q_proj = Linear(w, w, dtype=dtype)
+        self.out_proj = Linear(w, w, dtype=dtype)
+
+    def construct(self, x, mask):
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.fc1 = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg, dtype)
+        self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = CLIPMLP(cfg, dtype)
+        self.layer_norm2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
+
+    def construct(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEmbeddings(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width, dtype=dtype)
+        self.position_embedding = Embedding(cfg.max_length, cfg.width, dtype=dtype)
+
+    def construct(self, ids):
+        length = ids.shape[-1]
+        return self.token_embedding(ids) + self.position_embedding.weight[:length]
+
+
+class CLIPEncoder(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype) for _ in range(cfg.layers)])
+
+
+class CLIPTextTransformer(nn.Cell):
+    def __init__(self, cfg: TextEncoderConfig, dtype):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg, dtype)
+        self.encoder = CLIPEncoder(cfg, dtype)
+        self.final_layer_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
+
+
+class CLIPTextModel(nn.Cell):
+    """`transformers.CLIPTextModel` with parameter names under `text_model.`.
+
+    `construct(ids)` returns (penultimate, last_hidden_state, pooled):
+    penultimate is the hidden state after `layers - 1` layers with no final LayerNorm (what sgm
+    and diffusers feed the UNet, diffusers' `hidden_states[-2]`); last_hidden_state has the
+    final LayerNorm; pooled is last_hidden_state at the EOS position (argmax of the ids).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, dtype=ms.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg, dtype)
+
+    def _run(self, ids, num_layers: int):
+        ids = as_ids(ids)
+        x = self.text_model.embeddings(ids)
+        mask = causal_mask(ids.shape[-1])
+        layers = self.text_model.encoder.layers
+        for i in range(num_layers):
+            x = layers[i](x, mask)
+        return ids, x
+
+    def penultimate(self, ids) -> Tensor:
+        """Only the (B, L, W) penultimate hidden state: skips the last layer's work."""
+        return self._run(ids, self.cfg.layers - 1)[1]
+
+    def construct(self, ids) -> Tuple[Tensor, Tensor, Tensor]:
+        ids, penultimate = self._run(ids, self.cfg.layers - 1)
+        mask = causal_mask(ids.shape[-1])
+        last = self.text_model.final_layer_norm(
+            self.text_model.encoder.layers[self.cfg.layers - 1](penultimate, mask))
+        return penultimate, last, gather_rows(last, eos_positions(ids))

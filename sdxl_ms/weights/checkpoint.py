@@ -1,0 +1,81 @@
+"""Read views of the two checkpoint formats, each in its own namespace.
+
+- `sgm`: one `.safetensors` file with the public single-file names (`model.diffusion_model.*`).
+- `diffusers`: a folder with `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/` weight files,
+  addressed here as `unet/conv_in.weight` etc.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .keymap import COMPONENT_FILES, split_component
+from .keymap_text import canonical_text_encoder_key
+from .safetensors_io import CheckpointError, SafetensorsFile
+
+SGM, DIFFUSERS = "sgm", "diffusers"
+FORMATS = (SGM, DIFFUSERS)
+
+
+class SgmCheckpoint:
+    format = SGM
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = SafetensorsFile(self.path)
+        self.shapes: Dict[str, Tuple[int, ...]] = self._file.shapes
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file.get(name)
+
+
+class DiffusersCheckpoint:
+    format = DIFFUSERS
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._files: Dict[str, SafetensorsFile] = {}
+        self._file_key: Dict[str, str] = {}  # our spelling -> the key stored in the file
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        for component, filename in COMPONENT_FILES.items():
+            f = self.path / component / filename
+            if not f.is_file():
+                raise CheckpointError(f"diffusers checkpoint {self.path} has no {component}/{filename}"
+                                      " (only .safetensors weights are read)")
+            self._files[component] = SafetensorsFile(f)
+            for key, shape in self._files[component].shapes.items():
+                name = f"{component}/{_canonical(component, key)}"
+                self._file_key[name] = key
+                self.shapes[name] = shape
+
+    def get(self, name: str) -> np.ndarray:
+        component, _ = split_component(name)
+        return self._files[component].get(self._file_key[name])
+
+
+def _canonical(component: str, key: str) -> str:
+    """transformers 5 saves CLIPTextModel without the `text_model.` level that SDXL's published
+    folders (and transformers 4) use; both spellings load, the rules use the published one."""
+    return canonical_text_encoder_key(key) if component == "text_encoder" else key
+
+
+def detect_format(path: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+            return DIFFUSERS
+        raise CheckpointError(f"{path} is a folder but not a diffusers pipeline "
+                              "(no model_index.json or unet/)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: only .safetensors single-file checkpoints are supported"
+                                  " (pickled .ckpt files are not loaded)")
+        return SGM
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def open_checkpoint(path: Path):
+    fmt = detect_format(path)
+    return SgmCheckpoint(path) if fmt == SGM else DiffusersCheckpoint(path)

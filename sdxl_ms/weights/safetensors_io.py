@@ -1,0 +1,97 @@
+"""Streaming safetensors I/O: write a multi-GB file one tensor at a time, atomically.
+
+`safetensors.numpy.save_file` needs every tensor in memory at once (about 10 GB for the SDXL
+UNet in fp32); the format is simple enough to stream: a little-endian u64 header length, a JSON
+header of dtypes, shapes and byte offsets, then the raw little-endian data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
+           np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the expected layout."""
+
+
+def write_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...]]],
+                      produce: Callable[[str], np.ndarray], dtype=np.float32,
+                      metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write tensors named in `layout`, calling `produce(name)` for each in turn.
+
+    The file appears at `path` only when complete (written to a temp file, then renamed).
+    """
+    dtype = np.dtype(dtype)
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, shape in layout:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape in layout:
+                arr = np.asarray(produce(name), dtype=dtype.newbyteorder("<"), order="C")  # keeps 0-d
+                if tuple(arr.shape) != tuple(shape):
+                    raise ValueError(f"{name}: produced shape {arr.shape}, layout says {shape}")
+                f.write(arr.tobytes())
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SafetensorsFile:
+    """Lazy reader: names and shapes from the header, tensors one at a time."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint file not found: {self.path}")
+        try:
+            self._handle = safe_open(str(self.path), framework="numpy")
+            self.shapes = {k: tuple(self._handle.get_slice(k).get_shape())
+                           for k in self._handle.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{self.path}: not a readable safetensors file "
+                                  f"(truncated or corrupt?): {e}") from None
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r}: {e}") from None
+
+    def metadata(self) -> Dict[str, str]:
+        return self._handle.metadata() or {}

@@ -1,0 +1,119 @@
+"""Seeded random checkpoints in both real formats, written offline and without torch.
+
+The weights are drawn in the sgm namespace (`random_init`), so the `sgm` file and the
+`diffusers` folder made from the same seed hold the same numbers. Everything is streamed one
+tensor at a time and appears only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from ..config import SDXLConfig, get_preset
+from .checkpoint import DIFFUSERS, FORMATS, SGM
+from .diffusers_configs import model_index, pipeline_configs
+from .keymap import COMPONENT_FILES, KeyRule, pipeline_rules, split_component, to_diffusers
+from .loader import expected_layout
+from .random_init import random_tensor
+from .safetensors_io import write_safetensors
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
+                    dtype: str = "float32", overwrite: bool = False) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+    meta = {"generator": "sdxl-parity make-checkpoint", "preset": cfg.name, "seed": str(seed),
+            "format": fmt}
+    shapes = expected_layout(cfg, SGM)
+
+    def get(name: str) -> np.ndarray:
+        return random_tensor(seed, name, shapes[name])
+
+    if fmt == SGM:
+        write_safetensors(out, list(shapes.items()), get, DTYPES[dtype], meta)
+    else:
+        write_diffusers_folder(cfg, get, out, DTYPES[dtype], meta)
+    return out
+
+
+def write_diffusers_folder(cfg: SDXLConfig, get_sgm: Callable[[str], np.ndarray], out: Path,
+                           dtype, meta: Dict[str, str]) -> None:
+    """A complete diffusers pipeline folder (configs, tokenizers, weights) whose tensors are
+    made from sgm tensors read through `get_sgm`; it appears at `out` only when complete."""
+    from ..tokenizer import write_tokenizer_files
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_json(tmp / "model_index.json", model_index())
+        for component, config in pipeline_configs(cfg).items():
+            name = "scheduler_config.json" if component == "scheduler" else "config.json"
+            _write_json(tmp / component / name, config)
+        write_tokenizer_files(tmp / "tokenizer", cfg.conditioner.clip_l.pad_token)
+        write_tokenizer_files(tmp / "tokenizer_2", cfg.conditioner.clip_g.pad_token)
+        diff_shapes = expected_layout(cfg, DIFFUSERS)
+        producer = _DiffusersProducer(pipeline_rules(cfg), get_sgm)
+        for component, filename in COMPONENT_FILES.items():
+            layout = [(k.partition("/")[2], s) for k, s in diff_shapes.items()
+                      if split_component(k)[0] == component]
+            write_safetensors(tmp / component / filename, layout,
+                              lambda key, c=component: producer(f"{c}/{key}"), dtype,
+                              {**meta, "component": component})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _DiffusersProducer:
+    """Makes diffusers tensors on demand from the sgm random tensors, one rule at a time."""
+
+    def __init__(self, rules: List[KeyRule], get_sgm: Callable[[str], np.ndarray]):
+        self._rule_of = {d: r for r in rules for d in r.diffusers}
+        self._get = get_sgm
+        self._pending: Dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._pending:
+            r = self._rule_of[name]
+            made = to_diffusers(r.kind, [self._get(n) for n in r.sgm])
+            self._pending.update(zip(r.diffusers, made))
+        return self._pending.pop(name)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDXL_PARITY_CACHE", Path.home() / ".cache" / "sdxl-parity"))
+
+
+def cached_checkpoint(preset: str = "tiny", seed: int = 0, fmt: str = DIFFUSERS) -> Path:
+    """A seeded checkpoint made once and reused (the embedded default of the CLIs)."""
+    cfg = get_preset(preset)
+    suffix = ".safetensors" if fmt == SGM else ""
+    path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{fmt}{suffix}"
+    if not path.exists():
+        try:
+            make_checkpoint(cfg, seed, path, fmt)
+        except (FileExistsError, OSError):
+            if not path.exists():  # a concurrent writer wins the rename race; anything else is real
+                raise
+    return path

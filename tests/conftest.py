@@ -1,0 +1,40 @@
+"""Shared fixtures: seeded tiny checkpoints (made once per session, torch-free) and helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# ../shared beside the checkout (as CI lays it out); SDXL_SHARED_DIR overrides
+SHARED_DIR = Path(os.environ.get("SDXL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED_KEYS = SHARED_DIR / "reference" / "sgm_sdxl_base_1.0_keys.txt"
+
+
+def rel_l2(port, ref) -> float:
+    port, ref = np.asarray(port, np.float64), np.asarray(ref, np.float64)
+    assert port.shape == ref.shape, (port.shape, ref.shape)
+    return float(np.linalg.norm(port - ref) / np.linalg.norm(ref))
+
+
+def read_shared_keys():
+    """{name: shape} from the public checkpoint's key list in ../shared/reference."""
+    out = {}
+    for line in SHARED_KEYS.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, shape = line.partition(":")
+        out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """The tiny preset, seed 0, in both formats (same weights)."""
+    from sdxl_ms.config import TINY
+    from sdxl_ms.weights.synthetic import make_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"diffusers": make_checkpoint(TINY, 0, root / "tiny-diffusers", "diffusers"),
+            "sgm": make_checkpoint(TINY, 0, root / "tiny.safetensors", "sgm")}
