@@ -89,6 +89,39 @@ class ReferencePipeline:
             img = vae.decode(torch.from_numpy(z).to(self.device, vae.dtype)).sample
         return self._np(img)
 
+    # ---- text to image ----------------------------------------------------------------------
+
+    def use_sampler(self, sampler: str, schedule: str = "leading") -> None:
+        """Swap in the diffusers scheduler that the port's `sampler`/`schedule` matches."""
+        import diffusers
+        from sdxl_ms.sampling import diffusers_scheduler_spec
+
+        cls_name, overrides = diffusers_scheduler_spec(sampler, schedule)
+        cls = getattr(diffusers, cls_name)
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **overrides)
+
+    def __call__(self, prompt: str, negative_prompt: Optional[str] = None, *, height: int,
+                 width: int, num_inference_steps: int, guidance_scale: float = 5.0,
+                 sampler: str = "euler", schedule: str = "leading", latents: np.ndarray,
+                 step_noise: Optional[Sequence[np.ndarray]] = None, output_type: str = "np",
+                 callback=None):
+        """diffusers generation from unscaled `latents`; `step_noise` replaces every per-step
+        draw of ancestral schedulers, in order. `callback(pipe, step, t, kwargs)` is diffusers'
+        `callback_on_step_end`. Returns (B,H,W,3) float32 in [0,1] or latents."""
+        torch = self.torch
+        self.use_sampler(sampler, schedule)
+        lat = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(self.device, self.dtype)
+        with shared_step_noise(self.pipe.scheduler, step_noise, self.device), torch.no_grad():
+            out = self.pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                            num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, latents=lat,
+                            output_type="latent" if output_type == "latent" else "np",
+                            callback_on_step_end=callback)
+        images = out.images
+        if output_type == "latent":
+            return self._np(images)
+        return np.asarray(images, dtype=np.float32)
+
     # ---- helpers --------------------------------------------------------------------------
 
     def _t(self, arr, keep_fp32: bool = False):
@@ -125,7 +158,7 @@ def diffusers_folder_for(path: Path) -> Path:
 
     if detect_format(path) == DIFFUSERS:
         return path
-    from sdxl_ms.weights.synthetic import cache_dir
+    from sdxl_ms.paths import cache_dir
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -146,3 +179,42 @@ def convert_sgm_file_to_diffusers(path: Path, out: Path) -> Path:
     write_diffusers_folder(cfg, ckpt.get, out, np.float32,
                            {"converted_from": str(path), "preset": cfg.name})
     return out
+
+
+class shared_step_noise:
+    """Make a diffusers scheduler draw its per-step noise from given arrays, in order.
+
+    Ancestral schedulers call `randn_tensor` from their own module; no torch generator agrees
+    with numpy's, so parity runs feed both sides the same arrays (GUIDE section 2).
+    """
+
+    def __init__(self, scheduler, arrays: Optional[Sequence[np.ndarray]], device: str = "cpu"):
+        import sys
+
+        self.module = sys.modules[type(scheduler).__module__]
+        self.arrays = None if arrays is None else list(arrays)
+        self.device = device
+        self.used = 0
+
+    def _draw(self, shape, generator=None, device=None, dtype=None, **_):
+        torch = _torch()
+        if self.used >= len(self.arrays):
+            raise RuntimeError(f"the scheduler asked for noise draw {self.used + 1}, "
+                               f"only {len(self.arrays)} were given")
+        arr = np.asarray(self.arrays[self.used], np.float32)
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"step noise {self.used} has shape {arr.shape}, scheduler wants {tuple(shape)}")
+        self.used += 1
+        return torch.from_numpy(arr.copy()).to(device or self.device, dtype or torch.float32)
+
+    def __enter__(self):
+        if self.arrays is not None and hasattr(self.module, "randn_tensor"):
+            self._saved = self.module.randn_tensor
+            self.module.randn_tensor = self._draw
+        return self
+
+    def __exit__(self, *exc):
+        if getattr(self, "_saved", None) is not None:
+            self.module.randn_tensor = self._saved
+            self._saved = None
+        return False

@@ -6,7 +6,7 @@ semantics as `parity.reference.ReferencePipeline`, so parity suites drive both s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
@@ -101,6 +101,120 @@ class SDXLPipeline:
         """vae.decode(latents / scale_factor): float32 (B,3,H,W) in about [-1, 1], unclipped."""
         z = Tensor(np.asarray(latents, np.float32) / np.float32(self.cfg.vae.scale_factor))
         return _f32(self.model.first_stage_model.decode(z.astype(self.dtype)))
+
+
+    # ---- text to image ----------------------------------------------------------------------
+
+    def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Optional[str] = None, *,
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 sampler: str = "euler", schedule: str = "leading", seed: Optional[int] = None,
+                 latents: Optional[np.ndarray] = None, noise=None, output_type: str = "np",
+                 callback: Optional[Callable] = None, progress: bool = True,
+                 guide: str = "eps", sampler_options: Optional[Dict] = None):
+        """Text to image.
+
+        `latents` is unscaled N(0,1) noise (B,4,H/8,W/8), multiplied by the sampler's initial
+        sigma as diffusers multiplies user latents. `noise` (a `sampling.NoiseSource`) supplies
+        the initial and every per-step draw instead, so two frameworks can share them.
+        `callback(step, latents, denoised)` runs after every step.
+        Returns (B,H,W,3) float32 in [0,1] for "np", PIL images for "pil", latents for "latent".
+        """
+        from .sampling import (Denoiser, GuidedDenoiser, IdentityGuider, SeededNoise,
+                               VanillaCFG, make_sampler)
+
+        height = self.cfg.default_size if height is None else int(height)
+        width = self.cfg.default_size if width is None else int(width)
+        check_generation_args(height, width, num_inference_steps, output_type,
+                              self.vae_scale_factor)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        plan = make_sampler(sampler, int(num_inference_steps), schedule, **(sampler_options or {}))
+        shape = (len(prompts), self.cfg.unet.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if noise is None:
+            seeded = SeededNoise(0 if seed is None else int(seed))
+            noise = seeded if latents is None else _WithInitial(np.asarray(latents, np.float32), seeded)
+        elif latents is not None:
+            raise ValueError("pass either latents or noise, not both")
+
+        conds = [self.encode_prompt(p, negative_prompt, original_size=(height, width),
+                                    target_size=(height, width)) for p in prompts]
+        cond = {"encoder_hidden_states": np.concatenate([c["prompt_embeds"] for c in conds]),
+                "text_embeds": np.concatenate([c["pooled_prompt_embeds"] for c in conds]),
+                "time_ids": np.concatenate([c["add_time_ids"] for c in conds])}
+        uncond = {"encoder_hidden_states": np.concatenate([c["negative_prompt_embeds"] for c in conds]),
+                  "text_embeds": np.concatenate([c["negative_pooled_prompt_embeds"] for c in conds]),
+                  "time_ids": np.concatenate([c["negative_add_time_ids"] for c in conds])}
+        do_cfg = guidance_scale > 1.0  # diffusers' rule: guidance <= 1 runs the cond pass alone
+        guider = VanillaCFG(float(guidance_scale), guide) if do_cfg else IdentityGuider()
+
+        def network(x_in, t, c):
+            return self.unet(x_in, t, c["encoder_hidden_states"], c["text_embeds"], c["time_ids"])
+
+        denoise = GuidedDenoiser(network, Denoiser.for_schedule(plan.schedule), guider,
+                                 cond=cond, uncond=uncond if do_cfg else None)
+        bar = _progress(plan.schedule.num_steps, progress)
+
+        def on_step(i, x, denoised):
+            bar.update(1)
+            if callback is not None:
+                callback(i, x, denoised)
+
+        try:
+            out = plan(denoise, noise, shape, callback=on_step)
+        finally:
+            bar.close()
+        if output_type == "latent":
+            return out
+        images = np.clip(self.decode(out) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        return to_pil(images) if output_type == "pil" else images
+
+
+OUTPUT_TYPES = ("np", "pil", "latent")
+
+
+def check_generation_args(height: int, width: int, steps: int, output_type: str,
+                          factor: int = 8) -> None:
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(f"height and width must be positive multiples of {factor}, "
+                         f"got {height}x{width}")
+    if int(steps) < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0,1] float images -> uint8, rounding as diffusers does (x255, not the tutorial's 225)."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def to_pil(images: np.ndarray):
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in to_uint8(images)]
+
+
+class _WithInitial:
+    """User-given initial latents; per-step draws (ancestral samplers) from `rest`."""
+
+    def __init__(self, initial: np.ndarray, rest):
+        self._initial, self._rest = initial, rest
+
+    def initial(self, shape):
+        if tuple(self._initial.shape) != tuple(shape):
+            raise ValueError(f"latents have shape {tuple(self._initial.shape)}, expected {tuple(shape)}")
+        return self._initial
+
+    def step(self, index, shape):
+        return self._rest.step(index, shape)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled, leave=False)
 
 
 def load_pipeline(path: Union[str, Path], dtype: str = "float32") -> SDXLPipeline:

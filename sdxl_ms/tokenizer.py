@@ -23,6 +23,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .paths import cache_dir
+
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
@@ -83,13 +85,6 @@ def write_tokenizer_files(folder, pad_token: str) -> None:
             json.dump(content, f, indent=2, ensure_ascii=False)
 
 
-def _cache_root() -> Path:
-    if os.environ.get("SDXL_MS_CACHE"):
-        return Path(os.environ["SDXL_MS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sdxl_ms"
-
-
 def tokenizer_dir(pad_token: str) -> Path:
     """A complete tokenizer folder for `pad_token`, written once into the cache, atomically.
 
@@ -98,7 +93,7 @@ def tokenizer_dir(pad_token: str) -> Path:
     """
     digest = hashlib.sha1(pad_token.encode("utf-8")).hexdigest()[:8]
     name = f"{_NAMES.get(pad_token, 'pad-' + digest)}-v{_FORMAT_VERSION}"
-    root = _cache_root() / "tokenizers"
+    root = cache_dir() / "tokenizers"
     final = root / name
     if (final / "tokenizer_config.json").is_file():
         return final

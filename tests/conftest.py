@@ -38,3 +38,13 @@ def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     return {"diffusers": make_checkpoint(TINY, 0, root / "tiny-diffusers", "diffusers"),
             "sgm": make_checkpoint(TINY, 0, root / "tiny.safetensors", "sgm")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Cached checkpoints and tokenizers go to a per-session folder, never the user's cache."""
+    root = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SDXL_PARITY_CACHE", str(root))
+    yield root
+    mp.undo()

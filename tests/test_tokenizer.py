@@ -58,7 +58,7 @@ def test_long_prompt_truncates_with_eos_last(pad_token):
 
 
 def test_cache_folder_is_written_once_and_atomically(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDXL_MS_CACHE", str(tmp_path))
+    monkeypatch.setenv("SDXL_PARITY_CACHE", str(tmp_path))
     first = tokenizer_dir("!")
     stamp = (first / "vocab.json").stat().st_mtime_ns
     again = tokenizer_dir("!")
@@ -75,7 +75,7 @@ def test_tokenizing_needs_no_torch(tmp_path):
             "from sdxl_ms.tokenizer import load_tokenizer, tokenize\n"
             "ids = tokenize(load_tokenizer('!'), ['a photo of a cat'])\n"
             "assert ids[0, :6].tolist() == [49406, 320, 1125, 539, 320, 2368], ids\n")
-    env = dict(os.environ, SDXL_MS_CACHE=str(tmp_path))
+    env = dict(os.environ, SDXL_PARITY_CACHE=str(tmp_path))
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)

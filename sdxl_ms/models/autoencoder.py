@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VAEConfig
-from ..nn.layers import Conv2d, GroupNorm, attention, silu
+from ..nn.layers import Conv2d, GroupNorm, Upsample, attention, silu
 
 GROUPNORM_EPS = 1e-6  # ldm `Normalize`; diffusers' VAE uses the same
 
@@ -69,18 +69,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x):
         return self.conv(ops.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Cell):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int, dtype):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
-
-    def construct(self, x):
-        h, w = x.shape[2], x.shape[3]
-        return self.conv(ops.interpolate(x, size=(2 * h, 2 * w), mode="nearest"))
 
 
 class Level(nn.Cell):

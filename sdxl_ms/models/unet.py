@@ -11,7 +11,7 @@ from mindspore import nn, ops
 
 from ..config import UNetConfig
 from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU, attention, gelu,
-                         timestep_embedding, upsample_nearest2x)
+                         timestep_embedding, Upsample)
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm in front of the spatial transformer
 RESBLOCK_NORM_EPS = 1e-5
@@ -118,15 +118,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Cell):
-    def __init__(self, channels: int, dtype):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
-
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
 
 
 class TimestepEmbedSequential(nn.CellList):

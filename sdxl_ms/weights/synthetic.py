@@ -20,6 +20,7 @@ from .checkpoint import DIFFUSERS, FORMATS, SGM
 from .diffusers_configs import model_index, pipeline_configs
 from .keymap import COMPONENT_FILES, KeyRule, pipeline_rules, split_component, to_diffusers
 from .loader import expected_layout
+from ..paths import cache_dir
 from .random_init import random_tensor
 from .safetensors_io import write_safetensors
 
@@ -99,10 +100,6 @@ class _DiffusersProducer:
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDXL_PARITY_CACHE", Path.home() / ".cache" / "sdxl-parity"))
 
 
 def cached_checkpoint(preset: str = "tiny", seed: int = 0, fmt: str = DIFFUSERS) -> Path:
