@@ -37,3 +37,24 @@ def init_runtime() -> None:
     if is_cpu():
         ms.runtime.launch_blocking()
     _runtime_ready = True
+
+
+_jit = False
+
+
+def set_jit(enabled: bool) -> None:
+    global _jit
+    _jit = bool(enabled)
+
+
+def jit_enabled() -> bool:
+    return _jit
+
+
+def compiled(cell):
+    """`cell`'s forward compiled with ms.jit (graph mode), cached on the cell."""
+    fn = getattr(cell, "_sdxl_compiled", None)
+    if fn is None:
+        fn = ms.jit(cell.construct)
+        object.__setattr__(cell, "_sdxl_compiled", fn)
+    return fn

@@ -66,6 +66,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
     return out
 
 
+SUMMARY_HEADER = ["stage", "verdict", "worst metric", "first failure"]
+
+
+def summary_rows(report: ParityReport) -> List[List[str]]:
+    return [[s.name, s.verdict.value.upper(), s.worst_metric(), first_failure_text(s)]
+            for s in report.ordered_stages()]
+
+
+def summary_table(report: ParityReport) -> str:
+    """The summary as an aligned plain-text table, for terminals."""
+    rows = [SUMMARY_HEADER] + summary_rows(report)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(SUMMARY_HEADER))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
+
+
 def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] = None) -> str:
     """Markdown text of `report`. `image_paths` maps a stored image path to the path to link
     (when the Markdown file is written somewhere else than the report directory)."""
@@ -77,9 +93,7 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
         lines.append(f"- {key}: `{meta_value(report.meta[key])}`")
     lines += ["", "## Summary", ""]
     stages = report.ordered_stages()
-    lines += _table(["stage", "verdict", "worst metric", "first failure"],
-                    [[s.name, s.verdict.value.upper(), s.worst_metric(), first_failure_text(s)]
-                     for s in stages])
+    lines += _table(SUMMARY_HEADER, summary_rows(report))
     for s in stages:
         lines += ["", f"## Stage `{s.name}`: {s.verdict.value.upper()}", ""]
         for note in s.notes:

@@ -32,7 +32,7 @@ SDXL_SCHEDULER_CONFIG: Dict = {
 }
 
 
-def unet_config(cfg: UNetConfig, size_embed_dim: int) -> Dict:
+def unet_config(cfg: UNetConfig, size_embed_dim: int, sample_size: int = 128) -> Dict:
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     down = ["CrossAttnDownBlock2D" if d > 0 else "DownBlock2D" for d in cfg.transformer_depth]
     up = ["CrossAttnUpBlock2D" if d > 0 else "UpBlock2D" for d in reversed(cfg.transformer_depth)]
@@ -41,7 +41,7 @@ def unet_config(cfg: UNetConfig, size_embed_dim: int) -> Dict:
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": 128,
+        "sample_size": sample_size,  # latent size; the pipeline's default image is 8x this
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "flip_sin_to_cos": True,
@@ -141,7 +141,8 @@ def model_index(force_zeros_for_empty_prompt: bool = True) -> Dict:
 def pipeline_configs(cfg: SDXLConfig) -> Dict[str, Dict]:
     """Config JSON per diffusers component folder."""
     return {
-        "unet": unet_config(cfg.unet, cfg.conditioner.size_embed_dim),
+        "unet": unet_config(cfg.unet, cfg.conditioner.size_embed_dim,
+                            cfg.default_size // cfg.vae.downsample_factor),
         "vae": vae_config(cfg.vae),
         "text_encoder": text_encoder_config(cfg.conditioner.clip_l),
         "text_encoder_2": text_encoder_config(cfg.conditioner.clip_g),

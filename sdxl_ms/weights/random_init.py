@@ -29,10 +29,10 @@ def random_tensor(seed: int, name: str, shape: Tuple[int, ...]) -> np.ndarray:
         if leaf == "weight":  # norm scales
             return 1.0 + 0.1 * z
         return 0.05 * z  # biases
-    if "token_embedding" in name:
-        return 0.5 * z
+    if "token_embedding" in name:  # CLIP's own init scales: small embeddings make the first
+        return 0.02 * z             # LayerNorm's epsilon matter, as in the released weights
     if "position" in name:
-        return 0.1 * z
+        return 0.01 * z
     if leaf == "text_projection":
         return z / np.float32(math.sqrt(shape[0]))
     fan_in = int(np.prod(shape[1:]))

@@ -25,6 +25,8 @@ from .random_init import random_tensor
 from .safetensors_io import write_safetensors
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
+# bump when what a seed produces changes (init scales, configs), so stale caches are not reused
+GENERATOR_VERSION = 2
 
 
 def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
@@ -36,8 +38,8 @@ def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
-    meta = {"generator": "sdxl-parity make-checkpoint", "preset": cfg.name, "seed": str(seed),
-            "format": fmt}
+    meta = {"generator": "sdxl-parity make-checkpoint", "generator_version": str(GENERATOR_VERSION),
+            "preset": cfg.name, "seed": str(seed), "format": fmt}
     shapes = expected_layout(cfg, SGM)
 
     def get(name: str) -> np.ndarray:
@@ -106,7 +108,7 @@ def cached_checkpoint(preset: str = "tiny", seed: int = 0, fmt: str = DIFFUSERS)
     """A seeded checkpoint made once and reused (the embedded default of the CLIs)."""
     cfg = get_preset(preset)
     suffix = ".safetensors" if fmt == SGM else ""
-    path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{fmt}{suffix}"
+    path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{fmt}-v{GENERATOR_VERSION}{suffix}"
     if not path.exists():
         try:
             make_checkpoint(cfg, seed, path, fmt)

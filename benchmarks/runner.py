@@ -1,0 +1,243 @@
+"""`sdxl-bench`: port and reference side by side, one fresh process per measurement.
+
+    sdxl-bench --preset tiny --out bench-out
+    sdxl-bench --preset sdxl-base --height 256 --width 256 --components unet
+    sdxl-bench compare BASELINE.json CURRENT.json --fail-over 10%
+
+For each component (text, unet, vae, pipeline) and side (each port mode, the reference) it
+spawns `python -m benchmarks.measure`, one at a time (never two full-size models in memory at
+once), then writes `results.json` (pytest-benchmark format + ratios), `results.md` and
+`ratios.png` under `--out`. Exit status: 0, 1 when a measurement failed, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .flops import COMPONENTS
+from .workloads import DTYPES, PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
+
+PRESET_NAMES = ("tiny", "sdxl-base")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+class UsageError(ValueError):
+    """A bad argument: one line on stderr, exit status 2."""
+
+
+class MeasureError(RuntimeError):
+    pass
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdxl-bench",
+        description="Latency and memory of the MindSpore port against the diffusers reference. "
+                    "Subcommand: `sdxl-bench compare BASELINE.json CURRENT.json --fail-over 10%%`.")
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                   help="model size (default tiny, or the --checkpoint's)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: preset's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: preset's)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--components", default=",".join(COMPONENTS),
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps of the pipeline component")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the rounds")
+    p.add_argument("--rounds", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--checkpoint", default=None,
+                   help="sgm file or diffusers folder (default: the cached seeded checkpoint of "
+                        "tiny; random weights for sdxl-base, no 14 GB file)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights without a checkpoint, for any preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port-modes", default="pynative",
+                   help=f"comma-separated port execution modes (offered: {','.join(PORT_MODES)})")
+    p.add_argument("--port-device", default=None,
+                   help="MindSpore device target for the port (default: MindSpore's, CPU here)")
+    p.add_argument("--reference-device", default="cpu", help="torch device: cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both frameworks (default: each framework's own); "
+                        "on a shared machine 1 avoids OpenMP spin-wait collapse")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up on one measurement after S seconds")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    return p
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+def resolve(args: argparse.Namespace) -> Dict:
+    """Validate the arguments and settle preset, size and weights; raises UsageError."""
+    requested = _csv(args.components)
+    unknown = [c for c in requested if c not in COMPONENTS]
+    components = [c for c in COMPONENTS if c in requested]
+    if unknown or not components:
+        raise UsageError(f"unknown component(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(COMPONENTS)}")
+    port_modes = _csv(args.port_modes)
+    missing = [m for m in port_modes if m not in PORT_MODES]
+    if missing or not port_modes:
+        raise UsageError(f"port mode {', '.join(missing) or '(none given)'} is not offered by the "
+                         f"port yet (available: {', '.join(PORT_MODES)}); a graph/jit mode plugs "
+                         "in through benchmarks.workloads.PORT_MODES")
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    if args.checkpoint and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other")
+    try:
+        check_reference_device(args.reference_device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    from sdxl_ms.config import get_preset
+
+    preset, checkpoint = args.preset or "tiny", None
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.exists():
+            raise UsageError(f"--checkpoint {path}: no such file or folder")
+        found = _checkpoint_preset(path)
+        if args.preset and args.preset != found:
+            raise UsageError(f"--checkpoint {path} holds the {found} layout, not {args.preset}")
+        preset, checkpoint = found, str(path.resolve())
+    elif preset == "tiny" and not args.random_weights:
+        from sdxl_ms.weights.synthetic import cached_checkpoint
+
+        checkpoint = str(cached_checkpoint("tiny", args.seed))
+    cfg = get_preset(preset)
+    height = args.height or cfg.default_size
+    width = args.width or cfg.default_size
+    factor = cfg.vae.downsample_factor
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise UsageError(f"--height/--width must be positive multiples of {factor}, "
+                         f"got {height}x{width}")
+    return {"components": components, "port_modes": port_modes, "preset": preset,
+            "height": height, "width": width, "checkpoint": checkpoint}
+
+
+def _checkpoint_preset(path: Path) -> str:
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+    from sdxl_ms.weights.loader import infer_preset
+
+    try:
+        return infer_preset(open_checkpoint(path)).name
+    except Exception as exc:  # a layout error names what differs; keep it to one line
+        raise UsageError(f"--checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def plan(args: argparse.Namespace, settled: Dict) -> List[Spec]:
+    """One Spec per (component, side, mode), port modes first, in component order."""
+    common = dict(preset=settled["preset"], height=settled["height"], width=settled["width"],
+                  dtype=args.dtype, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                  checkpoint=settled["checkpoint"], seed=args.seed, threads=args.threads)
+    specs = []
+    for component in settled["components"]:
+        for mode in settled["port_modes"]:
+            specs.append(Spec(component, "port", mode, device=args.port_device, **common))
+        for mode in REFERENCE_MODES:
+            specs.append(Spec(component, "reference", mode, device=args.reference_device, **common))
+    return specs
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+def measure_in_subprocess(spec: Spec, timeout: Optional[float] = None) -> Dict:
+    """Run `python -m benchmarks.measure` for `spec` and return its record."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    if spec.threads:
+        env.update({k: str(spec.threads) for k in THREAD_ENV})
+    with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as tmp:
+        result = Path(tmp) / "measurement.json"
+        cmd = [sys.executable, "-m", "benchmarks.measure", "--spec", spec.to_json(),
+               "--result", str(result)]
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, errors="replace", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MeasureError(f"timed out after {timeout:g} s") from None
+        if proc.returncode != 0 or not result.is_file():
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            last = next((ln for ln in reversed(lines) if ln.startswith("measurement failed")),
+                        lines[-1] if lines else f"exit status {proc.returncode}")
+            raise MeasureError(last.removeprefix("measurement failed: "))
+        return json.loads(result.read_text())
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[float]], Dict]] = None) -> int:
+    """Plan, measure one at a time, write the three outputs. `measure` is injectable for tests."""
+    from .report import build_results, fmt_bytes, fmt_seconds, render_markdown, write_outputs
+
+    settled = resolve(args)
+    specs = plan(args, settled)
+    measure = measure or measure_in_subprocess
+    if settled["checkpoint"] and any(s.side == "reference" for s in specs):
+        from parity.reference import diffusers_folder_for  # convert an sgm file once, up front
+
+        diffusers_folder_for(Path(settled["checkpoint"]))
+    records, failures = [], []
+    for i, spec in enumerate(specs, 1):
+        _log(f"[{i}/{len(specs)}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
+        try:
+            record = measure(spec, args.timeout)
+        except MeasureError as exc:
+            failures.append({"component": spec.component, "side": spec.side, "mode": spec.mode,
+                             "error": str(exc)})
+            _log(f"      FAILED: {exc}")
+            continue
+        records.append(record)
+        _log(f"      median {fmt_seconds(statistics.median(record['samples_s']))}, "
+             f"peak RSS {fmt_bytes(record['peak_rss_bytes'])}")
+    run_info = {"preset": settled["preset"], "height": settled["height"],
+                "width": settled["width"], "dtype": args.dtype, "steps": args.steps,
+                "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
+                "components": settled["components"], "port_modes": settled["port_modes"],
+                "reference_device": args.reference_device, "port_device": args.port_device,
+                "checkpoint": settled["checkpoint"],
+                "weights": specs[0].weights_note() if specs else None,
+                "command": "sdxl-bench " + " ".join(getattr(args, "argv", []) or [])}
+    results = build_results(records, run_info, failures)
+    paths = write_outputs(results, args.out)
+    print(render_markdown(results).split("\n<details>")[0].rstrip())
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"sdxl-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Run the diffusers reference once and record everything the stages compare against.
+
+The UNet's inputs and outputs are captured with a forward hook, the latents after each step
+with diffusers' `callback_on_step_end`; initial and per-step noise are drawn here with numpy and
+fed to diffusers, so the port can be given the very same arrays.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .recording import Recording, RunSpec
+
+# schedulers whose latents live in another parametrisation than the port's variance-exploding x
+_VP_LATENTS = {"dpmpp_2m"}
+
+
+def noise_for(spec: RunSpec, sampler_index: int, shape) -> Dict[str, np.ndarray]:
+    """Initial and per-step N(0,1) draws for one sampler, from the run seed alone."""
+    rng = np.random.default_rng([spec.seed, sampler_index])
+    initial = rng.standard_normal(shape, dtype=np.float32)
+    steps = rng.standard_normal((spec.steps,) + tuple(shape), dtype=np.float32)
+    return {"initial_noise": initial, "step_noise": steps}
+
+
+def full_step_latents(sampler: str, callback_latents: List[np.ndarray], sigmas: np.ndarray,
+                      steps: int) -> np.ndarray:
+    """Latents after each of the `steps` sampler steps, in the port's parametrisation.
+
+    Heun's diffusers loop runs 2n-1 scheduler steps: the corrected states sit at the odd
+    indices, the final Euler step last. DPM-Solver stores x / sqrt(1 + sigma^2).
+    """
+    lat = callback_latents
+    if sampler == "heun":
+        lat = [lat[i] for i in range(1, 2 * steps - 2, 2)] + [lat[-1]]
+    if len(lat) != steps:
+        raise RuntimeError(f"{sampler}: {len(lat)} recorded steps, expected {steps}")
+    out = np.stack(lat).astype(np.float32)
+    if sampler in _VP_LATENTS:
+        after = np.asarray(sigmas[1:steps + 1], np.float64)
+        out = (out * np.sqrt(1.0 + after ** 2).reshape(-1, 1, 1, 1, 1)).astype(np.float32)
+    return out
+
+
+def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recording:
+    """Record the reference for `spec` on `checkpoint` (a path)."""
+    from sdxl_ms.pipeline import to_uint8
+
+    from .reference import load_reference
+
+    ref = reference or load_reference(checkpoint, dtype=spec.dtype)
+    default = ref.pipe.default_sample_size * ref.pipe.vae_scale_factor
+    height, width = spec.resolved_size(default)
+    tensors: Dict[str, np.ndarray] = {}
+    tick = progress or (lambda what: None)
+
+    tick("tokens")
+    for key, ids in ref.tokenize([spec.prompt, spec.cond_negative]).items():
+        tensors[f"tokens/{key}"] = ids
+    tick("conditioner")
+    for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
+        out = ref.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
+                                crops_coords_top_left=spec.cond_crop, target_size=(height, width))
+        tensors.update({f"conditioner/{variant}/{k}": v for k, v in out.items()})
+    out = ref.encode_prompt(spec.prompt, spec.negative_prompt, original_size=(height, width),
+                            target_size=(height, width))  # exactly what generation uses
+    tensors.update({f"conditioner/generation/{k}": v for k, v in out.items()})
+
+    shape = (1, 4, height // ref.pipe.vae_scale_factor, width // ref.pipe.vae_scale_factor)
+    schedules = {}
+    for index, sampler in enumerate(spec.samplers):
+        tick(f"sampling with {sampler}")
+        noise = noise_for(spec, index, shape)
+        calls, step_latents = [], []
+
+        def hook(module, args, kwargs, output):
+            sample = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            calls.append((ref._np(sample), float(np.asarray(ref._np(t)).reshape(-1)[0]),
+                          ref._np(output.sample if hasattr(output, "sample") else output[0])))
+
+        def on_step(pipe, i, t, kwargs):
+            step_latents.append(ref._np(kwargs["latents"]))
+            return kwargs
+
+        handle = ref.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+        try:
+            final = ref(spec.prompt, spec.negative_prompt, height=height, width=width,
+                        num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+                        sampler=sampler, schedule=spec.schedule, latents=noise["initial_noise"],
+                        step_noise=list(noise["step_noise"]), output_type="latent",
+                        callback=on_step)
+        finally:
+            handle.remove()
+        sched = ref.pipe.scheduler
+        sigmas = sched.sigmas.float().cpu().numpy()
+        for k, (x_in, t, eps) in enumerate(calls):
+            tensors[f"{sampler}/call{k}/x_in"] = x_in
+            tensors[f"{sampler}/call{k}/timestep"] = np.array([t], np.float32)
+            tensors[f"{sampler}/call{k}/eps"] = eps
+        tensors[f"{sampler}/initial_noise"] = noise["initial_noise"]
+        tensors[f"{sampler}/step_noise"] = noise["step_noise"]
+        tensors[f"{sampler}/latents"] = full_step_latents(sampler, step_latents, sigmas, spec.steps)
+        decoded = ref.decode(final)
+        tensors[f"{sampler}/decoded"] = decoded
+        tensors[f"{sampler}/image"] = to_uint8(np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+        schedules[sampler] = {"scheduler": type(sched).__name__,
+                              "timesteps": [c[1] for c in calls],
+                              "sigmas": [float(s) for s in sigmas]}
+
+    tick("decode probe")
+    probe = (0.1 * ref.pipe.vae.config.scaling_factor
+             * np.random.default_rng([spec.seed, 99]).standard_normal(shape, dtype=np.float32))
+    tensors["decode_probe/latents"] = probe.astype(np.float32)
+    tensors["decode_probe/decoded"] = ref.decode(probe)
+    from sdxl_ms.weights.synthetic import GENERATOR_VERSION
+
+    meta = {"reference": reference_versions(ref), "height": height, "width": width,
+            "checkpoint": spec.checkpoint_source()}
+    if spec.checkpoint is None:  # seeded: `check` regenerates it, so pin what the seed meant
+        meta["checkpoint_generator_version"] = GENERATOR_VERSION
+    return Recording(spec=spec, tensors=tensors, schedules=schedules, meta=meta)
+
+
+def reference_versions(ref) -> Dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": ref.torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "device": str(ref.device),
+            "dtype": str(ref.dtype).replace("torch.", "")}

@@ -1,0 +1,146 @@
+"""What a parity run compares against: the run's spec and the reference's recorded tensors.
+
+On disk a recording is a folder with `manifest.json` (spec, versions, schedule per sampler,
+tensor names and shapes, sha256 of the tensor file) and `tensors.safetensors`. Reading one needs
+neither torch nor diffusers, so `sdxl-parity check` runs where only the port is installed.
+
+Tensor names (`<s>` is a sampler name, `<k>` a UNet call, `<i>` a sampler step):
+  tokens/input_ids, tokens/input_ids_2              ids of [prompt, cond_negative]
+  conditioner/<variant>/<output>                    `neg_none`, `neg_text` (conditioner stage)
+                                                    and `generation` (what sampling used)
+  <s>/initial_noise, <s>/step_noise                 unscaled N(0,1) draws fed to both sides
+  <s>/call<k>/x_in, <s>/call<k>/timestep, <s>/call<k>/eps   UNet inputs and outputs (uncond, cond)
+  <s>/latents                                       (steps, B, 4, h, w) after each step, in the
+                                                    port's (variance-exploding) parametrisation
+  <s>/decoded, <s>/image                            float (B,3,H,W) and uint8 (B,H,W,3)
+  decode_probe/latents, decode_probe/decoded        a low-amplitude decode, sensitive to eps bugs
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
+DEFAULT_PROMPT = "a lighthouse on a rocky coast at dusk, volumetric light, highly detailed"
+DEFAULT_COND_NEGATIVE = "blurry, low quality, watermark"
+
+
+class RecordingError(ValueError):
+    """A recording folder that is missing, incomplete, corrupt or of another schema."""
+
+
+@dataclass
+class RunSpec:
+    """Everything both sides need to compute the same thing."""
+
+    preset: str = "tiny"
+    checkpoint: Optional[str] = None  # None: the seeded checkpoint (preset, checkpoint_seed)
+    checkpoint_seed: int = 0
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: Optional[str] = None  # for generation; None = zeroed negatives (SDXL-base)
+    cond_negative: str = DEFAULT_COND_NEGATIVE  # the conditioner stage's encoded negative
+    seed: int = 0
+    samplers: Tuple[str, ...] = ("euler", "euler_a")
+    schedule: str = "leading"
+    steps: int = 4
+    guidance: float = 5.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    dtype: str = "float32"
+    # the conditioner stage uses non-square, cropped sizes so a swapped add_time_ids shows
+    cond_original_size: Tuple[int, int] = (48, 80)
+    cond_crop: Tuple[int, int] = (4, 8)
+
+    def __post_init__(self):
+        self.samplers = tuple(self.samplers)
+        self.cond_original_size = tuple(self.cond_original_size)
+        self.cond_crop = tuple(self.cond_crop)
+
+    def resolved_size(self, default: int) -> Tuple[int, int]:
+        return (self.height or default, self.width or default)
+
+    def checkpoint_source(self) -> str:
+        return self.checkpoint or f"seeded:{self.preset}:{self.checkpoint_seed}"
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "RunSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Recording:
+    spec: RunSpec
+    tensors: Dict[str, np.ndarray]
+    schedules: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
+    meta: Dict = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise RecordingError(f"recording {self.path or ''} has no tensor {name!r}") from None
+
+    def unet_calls(self, sampler: str) -> int:
+        return sum(1 for k in self.tensors if k.startswith(f"{sampler}/call") and k.endswith("/eps"))
+
+    def save(self, folder: Path) -> Path:
+        from sdxl_ms.weights.safetensors_io import atomic_path
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / TENSORS) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(tmp))
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "spec": asdict(self.spec),
+            "schedules": self.schedules,
+            "meta": self.meta,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                        for k, v in sorted(self.tensors.items())},
+            "tensors_sha256": _sha256(folder / TENSORS),
+        }
+        with atomic_path(folder / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> "Recording":
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise RecordingError(f"{folder} is not a recording (no {MANIFEST})")
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except json.JSONDecodeError as e:
+            raise RecordingError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise RecordingError(f"{folder}: recording schema {manifest.get('schema_version')!r}, "
+                                 f"this tool reads {SCHEMA_VERSION}")
+        if not (folder / TENSORS).is_file():
+            raise RecordingError(f"{folder} has no {TENSORS}")
+        if _sha256(folder / TENSORS) != manifest.get("tensors_sha256"):
+            raise RecordingError(f"{folder / TENSORS} does not match the manifest's sha256 "
+                                 "(modified or truncated)")
+        tensors = load_file(str(folder / TENSORS))
+        return cls(spec=RunSpec.from_dict(manifest["spec"]), tensors=tensors,
+                   schedules=manifest.get("schedules", {}), meta=manifest.get("meta", {}),
+                   path=folder)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

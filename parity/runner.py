@@ -1,0 +1,113 @@
+"""Record, check and run: the orchestration behind `sdxl-parity`.
+
+`check` needs only the port (no torch): it reads a recording and runs every stage against it.
+`run` records the reference and checks the port against it in one go.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+from .policy import Policy, load_policy
+from .recording import Recording, RecordingError, RunSpec
+from .results import ParityReport, StageResult, Verdict
+from .stages import STAGE_FUNCTIONS, STAGES, StageContext
+
+
+def resolve_checkpoint(spec: RunSpec, override: Optional[str] = None,
+                       recorded_version: Optional[int] = None) -> Path:
+    """An explicit checkpoint, or the seeded one the spec names (made and cached if needed)."""
+    if override:
+        return Path(override)
+    if spec.checkpoint:
+        return Path(spec.checkpoint)
+    from sdxl_ms.weights.synthetic import GENERATOR_VERSION, cached_checkpoint
+
+    if recorded_version is not None and recorded_version != GENERATOR_VERSION:
+        raise RecordingError(f"the recording was made on seeded weights of generator version "
+                             f"{recorded_version}; this version makes {GENERATOR_VERSION}: "
+                             "re-record it (sdxl-parity record)")
+    return cached_checkpoint(spec.preset, spec.checkpoint_seed)
+
+
+def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, port=None,
+          checkpoint: Optional[str] = None, stages: Sequence[str] = STAGES,
+          fail_fast: bool = False, junit_xml: Optional[Path] = None,
+          log: Callable[[str], None] = lambda s: None) -> ParityReport:
+    from sdxl_ms import load_pipeline
+
+    from .reports import write_reports
+
+    policy = policy or load_policy()
+    spec = rec.spec
+    unknown = [s for s in stages if s not in STAGE_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    ckpt = resolve_checkpoint(spec, checkpoint, rec.meta.get("checkpoint_generator_version"))
+    if port is None:
+        log(f"loading the port from {ckpt}")
+        port = load_pipeline(ckpt, dtype=spec.dtype)
+    out_dir = Path(out_dir)
+    ctx = StageContext(port=port, rec=rec, policy=policy, out_dir=out_dir, dtype=spec.dtype)
+    results: Dict[str, StageResult] = {}
+    timings: Dict[str, float] = {}
+    failed = None
+    for name in STAGES:
+        if name not in stages:
+            results[name] = StageResult.skipped(name, "not selected (--stages)")
+            continue
+        if failed and fail_fast:
+            results[name] = StageResult.skipped(name, f"not run: stage '{failed}' failed (--fail-fast)")
+            continue
+        log(f"stage {name}")
+        start = time.perf_counter()
+        try:
+            results[name] = STAGE_FUNCTIONS[name](ctx)
+        except Exception as e:  # a stage that crashes is a failed stage, reported as such
+            results[name] = StageResult.build(name, [], verdict=Verdict.FAIL,
+                                              notes=[f"{type(e).__name__}: {e}"])
+        timings[name] = round(time.perf_counter() - start, 3)
+        if results[name].verdict == Verdict.FAIL and failed is None:
+            failed = name
+    meta = {
+        "spec": _spec_dict(spec), "policy": policy.name, "dtype": spec.dtype,
+        "checkpoint": str(ckpt), "recording": str(rec.path) if rec.path else None,
+        "reference": rec.meta.get("reference", {}), "port": port_versions(),
+        "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
+        "stage_seconds": timings,
+    }
+    report = ParityReport.build(results, meta)
+    write_reports(report, out_dir, junit_xml=junit_xml)
+    return report
+
+
+def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
+        stages: Sequence[str] = STAGES, fail_fast: bool = False,
+        junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None) -> ParityReport:
+    from .record import record
+
+    ckpt = resolve_checkpoint(spec)
+    log(f"recording the reference (diffusers) on {ckpt}")
+    rec = record(spec, ckpt, progress=lambda what: log(f"reference: {what}"))
+    rec.save(Path(out_dir) / "recording")
+    return check(rec, out_dir, policy=policy, checkpoint=str(ckpt), stages=stages,
+                 fail_fast=fail_fast, junit_xml=junit_xml, log=log)
+
+
+def port_versions() -> Dict[str, str]:
+    import mindspore
+    import numpy
+
+    import sdxl_ms
+
+    return {"sdxl_ms": sdxl_ms.__version__, "mindspore": mindspore.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "device_target": mindspore.get_context("device_target")}
+
+
+def _spec_dict(spec: RunSpec) -> Dict:
+    from dataclasses import asdict
+
+    return asdict(spec)
