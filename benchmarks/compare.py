@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .report import entry_key, fmt_bytes, fmt_seconds
 
 METRICS = ("median", "peak_rss")
-RUN_KEYS = ("preset", "height", "width", "dtype", "steps")
+RUN_KEYS = ("preset", "height", "width", "dtype", "steps", "threads", "reference_device")
 
 
 class BadInput(ValueError):

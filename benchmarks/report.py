@@ -306,6 +306,11 @@ def render_markdown(results: Dict[str, Any]) -> str:
              "- device peak: the framework allocator's peak on an accelerator; - on CPU"]
     machine = results.get("machine_info", {})
     cpu = machine.get("cpu", {})
+    load = run.get("load_average")
+    if load and None not in load:
+        notes.append(f"- 1-minute load average {load[0]} at the start, {load[1]} at the end, on "
+                     f"{cpu.get('count', '?')} CPUs (above the CPU count, other processes "
+                     "competed for them)")
     commit = results.get("commit_info", {})
     notes.append(f"- machine: {cpu.get('brand_raw') or machine.get('processor') or '?'}, "
                  f"{cpu.get('count') or os.cpu_count()} CPUs; commit "

@@ -181,6 +181,14 @@ def measure_in_subprocess(spec: Spec, timeout: Optional[float] = None) -> Dict:
         return json.loads(result.read_text())
 
 
+def _load_average() -> Optional[float]:
+    """The 1-minute load average: a busy shared machine explains odd absolute figures."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -197,6 +205,7 @@ def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[flo
 
         diffusers_folder_for(Path(settled["checkpoint"]))
     records, failures = [], []
+    load_start = _load_average()
     for i, spec in enumerate(specs, 1):
         _log(f"[{i}/{len(specs)}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
         try:
@@ -216,6 +225,7 @@ def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[flo
                 "reference_device": args.reference_device, "port_device": args.port_device,
                 "checkpoint": settled["checkpoint"],
                 "weights": specs[0].weights_note() if specs else None,
+                "load_average": [load_start, _load_average()],
                 "command": "sdxl-bench " + " ".join(getattr(args, "argv", []) or [])}
     results = build_results(records, run_info, failures)
     paths = write_outputs(results, args.out)

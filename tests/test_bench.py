@@ -2,11 +2,9 @@
 gate and the CLI's argument errors. No timed assertions: timings only flow through."""
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,3 +399,46 @@ def test_parse_threshold():
     assert compare.parse_threshold("10%") == pytest.approx(0.10)
     assert compare.parse_threshold("0.25") == 0.25
     assert compare.parse_threshold("0%") == 0.0
+
+
+def test_compare_warns_when_the_runs_differ(baseline_file, tmp_path, capsys):
+    path, results = baseline_file
+    other = copy.deepcopy(results)
+    other["run"]["height"] = 128
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    assert compare.main([str(path), str(other_path)]) == 0
+    assert "warning: the runs differ in height: 64 -> 128" in capsys.readouterr().err
+
+
+# ---- the graph-mode hook -------------------------------------------------------------------
+
+def test_a_compiling_port_mode_plugs_in_with_its_compile_time_apart(tmp_path, monkeypatch):
+    """What graph mode will do: register a Mode; the runner measures it beside PyNative and
+    reports the first call's excess over the median as compile_s."""
+    from benchmarks import workloads
+    from benchmarks.measure import make_record
+
+    monkeypatch.setitem(workloads.PORT_MODES, "graph", workloads.Mode("graph", compiles=True))
+    idle = workloads.Workload(call=lambda: None, info={})
+    graph = make_record(Spec("unet", "port", "graph"), idle, [1.0, 1.2, 1.1], [5.0], 5.0,
+                        None, None, None)
+    assert graph["compile_s"] == pytest.approx(3.9)
+    assert make_record(Spec("unet", "port", "pynative"), idle, [1.0], [5.0], 5.0,
+                       None, None, None)["compile_s"] is None
+
+    def fake_measure(spec, timeout):
+        rec = _record(spec.component, spec.side, [{"graph": 0.5}.get(spec.mode, 1.0)],
+                      mode=spec.mode)
+        rec["compile_s"] = 3.0 if spec.mode == "graph" else None
+        return rec
+
+    args = _args(tmp_path, "--components", "unet", "--port-modes", "pynative,graph",
+                 "--random-weights")
+    assert runner.run(args, measure=fake_measure) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["port_mode"], r["ratio"]) for r in results["ratios"]] == [("pynative", 1.0),
+                                                                         ("graph", 0.5)]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| unet (graph) | 500.0 ms | 1.00 s | **0.50x** |" in md
+    assert "| unet | port | graph | cpu | 1 | 500.0 ms | 500.0 ms | 500.0 ms | 500.0 ms | 3.00 s |" in md

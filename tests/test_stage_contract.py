@@ -84,5 +84,11 @@ def test_both_formats_load_identical_weights(tiny_checkpoints):
     assert pa.keys() == pb.keys()
     worst = max(float(np.abs(pa[k].asnumpy() - pb[k].asnumpy()).max()) for k in pa)
     assert worst == 0.0
-    latents = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert np.abs(a.decode(latents) - b.decode(latents)).max() <= 1e-6
+    ea, eb = a.encode_prompt(PROMPT, "grainy"), b.encode_prompt(PROMPT, "grainy")
+    assert max(float(np.abs(ea[k] - eb[k]).max()) for k in ea) <= 1e-6
+    args = (latents, np.float32(500.0), ea["prompt_embeds"], ea["pooled_prompt_embeds"],
+            ea["add_time_ids"])
+    assert np.abs(a.unet(*args) - b.unet(*args)).max() <= 1e-6

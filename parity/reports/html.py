@@ -27,7 +27,7 @@ td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospac
 .badge { padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: bold; }
 .figs { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; }
-figure img { max-width: 360px; image-rendering: pixelated; border: 1px solid #ccc; }
+figure img { width: 256px; max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 12px; color: #555; text-align: center; }
 .meta td:first-child { font-weight: bold; }
 section { border-top: 1px solid #ddd; padding-top: 8px; margin-top: 16px; }
