@@ -1,26 +1,29 @@
 """Per-layer and per-component CPU profile of the port against PyTorch/diffusers on the same cores.
 
-    python -m benchmarks.profile_port blocks [--part unet|vae|text] [--rounds 3] [--jit]
+    python -m benchmarks.profile_port blocks [--part unet|vae|text] [--jit off,blocks] [--rounds 3]
     python -m benchmarks.profile_port convs [--rounds 3]
-    python -m benchmarks.profile_port tiny [--rounds 3]
-    python -m benchmarks.profile_port whole --component unet|vae --side port|torch [--jit]
+    python -m benchmarks.profile_port tiny [--jit off,blocks,model] [--rounds 3]
+    python -m benchmarks.profile_port whole --component unet|vae|text --side port|torch [--jit MODE]
+    python -m benchmarks.profile_port trace --component unet|vae|text --side port|torch
 
 `blocks` times every distinct layer of the sdxl-base UNet (256x256, CFG batch 2), VAE decoder
 (256x256) and the two text encoders, each port block against the matching diffusers/transformers
 block loaded with the same weights, port and torch calls interleaved so a noisy machine shifts both;
 it also checks each block's outputs agree (relative L2), and multiplies by how often each block
-occurs to estimate the whole component. `whole` times one full-size component in this process
-alone (run port and torch as separate processes: a full UNet is ~10 GB per framework) and prints
-its peak RSS. `tiny` times the tiny preset's components and 4-step pipeline, both sides in one
-process. Numbers are medians of `--rounds` calls after one warm-up.
+occurs to estimate the whole component. `convs` compares the two convolution paths of
+`backend.conv_impl()` with torch at every SDXL shape. `whole` times one full-size component in
+this process alone (run port and torch as separate processes: a full UNet is ~10 GB per
+framework), compile (first call) apart, and prints its peak RSS. `trace` splits one call of a
+whole component by op, on either side. `tiny` times the tiny preset's components and 4-step
+pipeline, both sides in one process. Numbers are medians of `--rounds` calls after a warm-up;
+port jit modes are `sdxl_ms.backend.set_jit`'s.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import resource
-import sys
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -69,6 +72,18 @@ def _ms():
 
     init_runtime()
     return ms
+
+
+def set_jit(mode) -> None:
+    """`sdxl_ms.backend.set_jit`, or nothing on a port without jit modes (an older checkout
+    profiled as the baseline)."""
+    try:
+        from sdxl_ms.backend import set_jit as port_set_jit
+    except ImportError:
+        if mode not in ("off", False, None):
+            raise SystemExit(f"this port has no jit mode {mode!r}") from None
+        return
+    port_set_jit(mode)
 
 
 def _torch():
@@ -390,52 +405,47 @@ def _hf_kwargs(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures",)}
 
 
-def run_cases(cases: Sequence[Case], rounds: int, jit: bool) -> List[Dict]:
+def run_cases(cases: Sequence[Case], rounds: int, modes: Sequence[str]) -> List[Dict]:
+    """Each layer: port (in every jit mode asked for) and torch, interleaved; medians."""
     rows = []
-    totals: Dict[str, List[float]] = {}
+    totals: Dict[Tuple[str, str], List[float]] = {}
     for case in cases:
         built = case.build()
         port, args, torch_fn, extra = built
-        fn = port_call_any(port, jit, extra)
-        t0 = time.perf_counter()
-        got = fn(*args)
-        first = time.perf_counter() - t0
+        fn = port_call(port, extra)
         want = torch_fn()
-        err = rel_l2(got, want)
-        tp, tt = paired_times(lambda: fn(*args), torch_fn, rounds)
-        row = {"group": case.group, "layer": case.name, "count": case.count, "port_s": tp,
-               "torch_s": tt, "ratio": tp / tt, "rel_l2": err, "first_call_s": first}
-        rows.append(row)
-        acc = totals.setdefault(case.group, [0.0, 0.0])
-        acc[0] += case.count * tp
-        acc[1] += case.count * tt
-        print(f"{case.group:5s} {case.name:52s} x{case.count:<3d} port {tp * 1e3:8.1f} ms  "
-              f"torch {tt * 1e3:8.1f} ms  ratio {tp / tt:5.2f}  relL2 {err:.1e}", flush=True)
+        for mode in modes:
+            set_jit(mode)
+            t0 = time.perf_counter()
+            got = fn(*args)
+            first = time.perf_counter() - t0
+            tp, tt = paired_times(lambda: fn(*args), torch_fn, rounds)
+            err = rel_l2(got, want)
+            rows.append({"group": case.group, "layer": case.name, "count": case.count,
+                         "jit": mode, "port_s": tp, "torch_s": tt, "ratio": tp / tt,
+                         "rel_l2": err, "compile_s": max(first - tp, 0.0)})
+            acc = totals.setdefault((case.group, mode), [0.0, 0.0])
+            acc[0] += case.count * tp
+            acc[1] += case.count * tt
+            print(f"{case.group:5s} {case.name:44s} x{case.count:<3d} {mode:6s} port "
+                  f"{tp * 1e3:8.1f} ms  torch {tt * 1e3:8.1f} ms  ratio {tp / tt:5.2f}  "
+                  f"relL2 {err:.1e}  compile {max(first - tp, 0.0):5.1f} s", flush=True)
+        set_jit("off")
         del built, port, fn
-    for group, (p, t) in totals.items():
-        print(f"{group:5s} {'estimated whole (sum of count x time)':52s}       port {p:8.2f} s   "
-              f"torch {t:8.2f} s   ratio {p / t:5.2f}", flush=True)
+    for (group, mode), (p, t) in totals.items():
+        print(f"{group:5s} {'estimated whole (sum of count x time)':44s}      {mode:6s} port "
+              f"{p:8.2f} s   torch {t:8.2f} s   ratio {p / t:5.2f}", flush=True)
     return rows
 
 
-def port_call_any(port, jit, extra):
-    call = port_call_tuple(port, jit)
-    if callable(extra):
-        return lambda *a: extra(call(*a))
-    return call
-
-
-def port_call_tuple(cell, jit):
-    from sdxl_ms.backend import compiled
-
+def port_call(cell, extra=None):
+    """cell(*args) as numpy (a tuple for tuple outputs), `extra` picking the compared output."""
     cell.set_train(False)
-    fn = compiled(cell) if jit else cell
 
     def call(*args):
-        out = fn(*args)
-        if isinstance(out, (tuple, list)):
-            return tuple(o.asnumpy() for o in out)
-        return out.asnumpy()
+        out = cell(*args)
+        out = tuple(o.asnumpy() for o in out) if isinstance(out, (tuple, list)) else out.asnumpy()
+        return extra(out) if callable(extra) else out
     return call
 
 
@@ -452,116 +462,218 @@ def conv_cases() -> List[Case]:
                  lambda b=b, ci=ci, co=co, s=s: _conv(ci, co, s, b)) for b, ci, co, s in CONV_SHAPES]
 
 
+def convs(rounds: int) -> None:
+    """Every conv shape: torch, the native kernel and the im2col lowering, interleaved."""
+    import sdxl_ms.nn.layers as layers
+
+    for case in conv_cases():
+        port, args, torch_fn, _ = case.build()
+        fn = port_call(port)
+        want = torch_fn()
+        times: Dict[str, List[float]] = {"torch": [], "native": [], "im2col": []}
+        errs = {}
+        for impl in ("native", "im2col"):
+            layers._CONV_IMPL.value = impl
+            errs[impl] = rel_l2(fn(*args), want)
+        for _ in range(rounds):
+            times["torch"].append(_timed(torch_fn))
+            for impl in ("native", "im2col"):
+                layers._CONV_IMPL.value = impl
+                times[impl].append(_timed(lambda: fn(*args)))
+        layers._CONV_IMPL.value = None
+        t = {k: float(np.median(v)) for k, v in times.items()}
+        print(f"{case.name:36s} torch {t['torch'] * 1e3:8.1f} ms | native {t['native'] * 1e3:8.1f}"
+              f" ms ({t['native'] / t['torch']:4.2f}x) | im2col {t['im2col'] * 1e3:8.1f} ms "
+              f"({t['im2col'] / t['torch']:4.2f}x) | relL2 {max(errs.values()):.0e}", flush=True)
+
+
+def _component_inputs(cfg, size: int):
+    """Seeded inputs of one full component call: UNet (x, context, vector, t), VAE latents z,
+    and token ids (BOS, 19 tokens, EOS, padding) for the text encoders."""
+    lat = size // 8
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((2, 4, lat, lat)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, cfg.unet.context_dim)).astype(np.float32)
+    y = rng.standard_normal((2, cfg.unet.adm_in_channels)).astype(np.float32)
+    t = np.full((2,), 501.0, np.float32)
+    z = rng.standard_normal((1, 4, lat, lat)).astype(np.float32)
+    ids = rng.integers(1, 49000, (2, 77)).astype(np.int64)
+    ids[:, 0], ids[:, 20], ids[:, 21:] = 49406, 49407, 0
+    return x, ctx, y, t, z, ids
+
+
 # ---- whole components ---------------------------------------------------------------------------
 
-def whole(component: str, side: str, preset: str, size: int, rounds: int, jit: bool) -> Dict:
-    """One full component in this process; prints time and peak RSS (ru_maxrss)."""
+def whole(component: str, side: str, preset: str, size: int, rounds: int, jit: str) -> Dict:
+    """One full component alone in this process: first call (compile) and steady time apart,
+    and the process's peak RSS (ru_maxrss). unet: one CFG step (batch 2); vae: decode of one
+    latent; text: both encoders on [negative, prompt]."""
     from sdxl_ms.config import get_preset
 
     cfg = get_preset(preset)
-    lat = size // 8
-    rng = np.random.default_rng(SEED)
-    if component == "unet":
-        x = rng.standard_normal((2, 4, lat, lat)).astype(np.float32)
-        ctx = rng.standard_normal((2, 77, cfg.unet.context_dim)).astype(np.float32)
-        y = rng.standard_normal((2, cfg.unet.adm_in_channels)).astype(np.float32)
-        t = np.full((2,), 501.0, np.float32)
-    else:
-        z = rng.standard_normal((1, 4, lat, lat)).astype(np.float32)
-    rss0 = peak_rss_gb()
+    x, ctx, y, t, z, ids = _component_inputs(cfg, size)
     t0 = time.perf_counter()
     if side == "port":
-        ms = _ms()
-        from mindspore.nn.utils import no_init_parameters
-
-        from sdxl_ms.backend import compiled
-        from sdxl_ms.weights.state import randomize
-        if component == "unet":
-            from sdxl_ms.models.unet import UNetModel
-            with no_init_parameters():
-                cell = UNetModel(cfg.unet)
-            randomize(cell, SEED, "model.diffusion_model.")
-            args = tuple(ms.Tensor(a) for a in (x, t, ctx, y))
-        else:
-            from sdxl_ms.models.autoencoder import AutoencoderKL
-            with no_init_parameters():
-                cell = AutoencoderKL(cfg.vae)
-            randomize(cell, SEED, "first_stage_model.")
-            cell = _Decode(cell)
-            args = (ms.Tensor(z),)
-        cell.set_train(False)
-        fn = compiled(cell) if jit else cell
-
-        def call():
-            return fn(*args).asnumpy()
+        call = _whole_port(component, cfg, jit, x, t, ctx, y, z, ids)
     else:
-        torch = _torch()
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        from sdxl_ms.weights.diffusers_configs import unet_config, vae_config
-        if component == "unet":
-            kw = {k: v for k, v in unet_config(cfg.unet, cfg.conditioner.size_embed_dim).items()
-                  if not k.startswith("_")}
-            model = UNet2DConditionModel(**kw).eval()
-            # the port's `y` is diffusers' concat(text_embeds, time embedding): feed equivalents
-            pooled = torch.from_numpy(y[:, :cfg.conditioner.pooled_dim].copy())
-            tids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
-
-            def call():
-                return model(torch.from_numpy(x), torch.from_numpy(t),
-                             encoder_hidden_states=torch.from_numpy(ctx),
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": tids}).sample.numpy()
-        else:
-            kw = {k: v for k, v in vae_config(cfg.vae).items() if not k.startswith("_")}
-            model = AutoencoderKL(**kw).eval()
-
-            def call():
-                return model.decode(torch.from_numpy(z)).sample.numpy()
+        call = _whole_torch(component, cfg, size, x, t, ctx, y, z, ids)
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    call()
-    first = time.perf_counter() - t0
+    first = _timed(call)
     times = [_timed(call) for _ in range(rounds)]
+    steady = float(np.median(times))
     rec = {"component": component, "side": side, "preset": preset, "size": size, "jit": jit,
-           "build_s": build_s, "first_call_s": first, "median_s": float(np.median(times)),
-           "times": times, "peak_rss_gb": peak_rss_gb(), "rss_before_build_gb": rss0}
+           "build_s": build_s, "first_call_s": first, "compile_s": max(first - steady, 0.0),
+           "median_s": steady, "times": times, "peak_rss_gb": peak_rss_gb()}
     print(json.dumps(rec), flush=True)
     return rec
 
 
-def _decode_cell():
-    from mindspore import nn
+def _whole_port(component, cfg, jit, x, t, ctx, y, z, ids):
+    ms = _ms()
+    from mindspore.nn.utils import no_init_parameters
 
-    class Decode(nn.Cell):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
+    from sdxl_ms.weights.state import randomize
 
-        def construct(self, z):
-            return self.vae.decode(z)
-    return Decode
+    set_jit(jit)
+    if component == "unet":
+        from sdxl_ms.models.unet import UNetModel
+        with no_init_parameters():
+            cell = UNetModel(cfg.unet)
+        randomize(cell, SEED, "model.diffusion_model.")
+        args = tuple(ms.Tensor(a) for a in (x, t, ctx, y))
+        return lambda: cell(*args).asnumpy()
+    if component == "vae":
+        from sdxl_ms.models.autoencoder import AutoencoderKL
+        with no_init_parameters():
+            vae = AutoencoderKL(cfg.vae)
+        randomize(vae, SEED, "first_stage_model.")
+        zt = ms.Tensor(z)
+        return lambda: vae.decode(zt).asnumpy()
+    from sdxl_ms.models.conditioner import GeneralConditioner
+    with no_init_parameters():
+        cond = GeneralConditioner(cfg.conditioner)
+    randomize(cond, SEED, "conditioner.")
+    it = ms.Tensor(ids.astype(np.int32))
+    return lambda: [o.asnumpy() for o in cond.encode_text(it, it)]
 
 
-def _Decode(vae):
-    return _decode_cell()(vae)
+def _whole_torch(component, cfg, size, x, t, ctx, y, z, ids):
+    torch = _torch()
+    if component == "unet":
+        from diffusers import UNet2DConditionModel
+
+        from sdxl_ms.weights.diffusers_configs import unet_config
+        kw = {k: v for k, v in unet_config(cfg.unet, cfg.conditioner.size_embed_dim).items()
+              if not k.startswith("_")}
+        model = UNet2DConditionModel(**kw).eval()
+        # the port's `y` is diffusers' concat(text_embeds, time embedding): feed equivalents
+        pooled = torch.from_numpy(y[:, :cfg.conditioner.pooled_dim].copy())
+        tids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+        return lambda: model(torch.from_numpy(x), torch.from_numpy(t),
+                             encoder_hidden_states=torch.from_numpy(ctx),
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": tids}).sample.numpy()
+    if component == "vae":
+        from diffusers import AutoencoderKL
+
+        from sdxl_ms.weights.diffusers_configs import vae_config
+        model = AutoencoderKL(**{k: v for k, v in vae_config(cfg.vae).items()
+                                 if not k.startswith("_")}).eval()
+        return lambda: model.decode(torch.from_numpy(z)).sample.numpy()
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdxl_ms.weights.diffusers_configs import text_encoder_config
+    cc = cfg.conditioner
+    enc1 = CLIPTextModel(CLIPTextConfig(**_hf_kwargs(text_encoder_config(cc.clip_l)))).eval()
+    enc2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**_hf_kwargs(text_encoder_config(cc.clip_g)))).eval()
+    tid = torch.from_numpy(ids)
+    return lambda: (enc1(tid, output_hidden_states=True).hidden_states[-2].numpy(),
+                    enc2(tid, output_hidden_states=True).hidden_states[-2].numpy())
+
+
+# ---- per-op profile of a whole component ---------------------------------------------------------
+
+def trace(component: str, side: str, preset: str, size: int, top: int) -> None:
+    """Where one call's time goes, by op: the port's kernels are timed through wrappers around
+    the `ops` functions and MatMul primitives the models call (synchronous launches, so a call's
+    wall time is its kernel's); torch's through torch.profiler."""
+    from sdxl_ms.config import get_preset
+
+    cfg = get_preset(preset)
+    x, ctx, y, t, z, ids = _component_inputs(cfg, size)
+    if side == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        call = _whole_torch(component, cfg, size, x, t, ctx, y, z, ids)
+        call()
+        total = _timed(call)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        print(f"torch {component} total {total:.2f} s")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        return
+    _ms()
+    records: Dict[str, List[float]] = {}
+    _install_op_timers(records)
+    call = _whole_port(component, cfg, "off", x, t, ctx, y, z, ids)
+    call()
+    records.clear()
+    total = _timed(call)
+    traced = sum(sum(v) for v in records.values())
+    print(f"port {component} total {total:.2f} s; in traced kernels {traced:.2f} s; "
+          f"the rest (Python, views, Tensor operators) {total - traced:.2f} s")
+    for name, v in sorted(records.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {name:24s} {sum(v):8.3f} s  x{len(v)}")
+
+
+def _install_op_timers(records: Dict[str, List[float]]) -> None:
+    import mindspore.ops as real_ops
+
+    import sdxl_ms.models.autoencoder as ae
+    import sdxl_ms.models.clip_text as clip
+    import sdxl_ms.models.open_clip_text as oclip
+    import sdxl_ms.models.unet as unet
+    import sdxl_ms.nn.layers as layers
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            records.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+        return call
+
+    class TimedOps:
+        def __getattr__(self, name):
+            fn = getattr(real_ops, name)
+            return timed(name, fn) if callable(fn) and not isinstance(fn, type) else fn
+
+    for mod in (layers, unet, ae, clip, oclip):
+        mod.ops = TimedOps()
+    for mod in (layers, unet):
+        for name in ("_MM", "_MM_NT", "_MM_TT", "_BMM_TN", "_BMM_NT"):
+            if hasattr(mod, name):
+                setattr(mod, name, timed(name, getattr(mod, name)))
+    if hasattr(layers, "_layer_norm_kernel"):  # the fused LayerNorm primitive
+        original = layers._layer_norm_kernel.__wrapped__
+        layers._layer_norm_kernel = functools.lru_cache(maxsize=None)(
+            lambda eps: timed("LayerNorm", original(eps)))
 
 
 # ---- tiny preset --------------------------------------------------------------------------------
 
-def tiny(rounds: int, jit: bool) -> None:
-    """Tiny components and the 4-step pipeline, port and torch in one process."""
+def tiny(rounds: int, modes: Sequence[str]) -> None:
+    """Tiny components and the 4-step pipeline, port (per jit mode) and torch in one process."""
     import tempfile
     from pathlib import Path
 
     _ms()
-    torch = _torch()
+    _torch()
     from parity.reference import load_reference
     from sdxl_ms import load_pipeline
-    from sdxl_ms.backend import set_jit
     from sdxl_ms.config import TINY
     from sdxl_ms.weights.synthetic import make_checkpoint
 
-    set_jit(jit)
     root = Path(tempfile.mkdtemp())
     path = make_checkpoint(TINY, 0, root / "tiny-diffusers", "diffusers")
     port, ref = load_pipeline(path), load_reference(path)
@@ -581,48 +693,55 @@ def tiny(rounds: int, jit: bool) -> None:
         "pipeline 4 steps": (lambda: port("a fox", "blurry", latents=lat, progress=False, **kw),
                              lambda: ref("a fox", "blurry", latents=lat, **kw)),
     }
-    for name, (pf, tf) in work.items():
-        t0 = time.perf_counter()
-        pf()
-        first = time.perf_counter() - t0
-        tp, tt = paired_times(pf, tf, rounds)
-        print(f"tiny  {name:34s} port {tp * 1e3:8.1f} ms  torch {tt * 1e3:8.1f} ms  "
-              f"ratio {tp / tt:5.2f}  (port first call {first:.2f} s)", flush=True)
-    del torch
+    for mode in modes:
+        set_jit(mode)
+        for name, (pf, tf) in work.items():
+            first = _timed(pf)
+            tp, tt = paired_times(pf, tf, rounds)
+            print(f"tiny  {name:34s} {mode:6s} port {tp * 1e3:8.1f} ms  torch {tt * 1e3:8.1f} ms"
+                  f"  ratio {tp / tt:5.2f}  (first call {first:.2f} s)", flush=True)
+    set_jit("off")
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("blocks", "convs", "tiny", "whole"))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("blocks", "convs", "tiny", "whole", "trace"))
     ap.add_argument("--part", choices=("unet", "vae", "text", "all"), default="all")
     ap.add_argument("--only", default="", help="substring filter on layer names")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--jit", action="store_true", help="run the port through ms.jit")
+    ap.add_argument("--jit", default="off",
+                    help="port jit mode(s), comma-separated: off, blocks, model")
     ap.add_argument("--size", type=int, default=256, help="image size (sdxl-base)")
-    ap.add_argument("--component", choices=("unet", "vae"), default="unet")
+    ap.add_argument("--component", choices=("unet", "vae", "text"), default="unet")
     ap.add_argument("--side", choices=("port", "torch"), default="port")
     ap.add_argument("--preset", default="sdxl-base")
+    ap.add_argument("--top", type=int, default=20, help="trace: rows to print")
     ap.add_argument("--json", default="", help="write the rows here")
     args = ap.parse_args(argv)
+    modes = [m for m in args.jit.split(",") if m]
     if args.what == "whole":
-        whole(args.component, args.side, args.preset, args.size, args.rounds, args.jit)
+        whole(args.component, args.side, args.preset, args.size, args.rounds, modes[0])
+        return
+    if args.what == "trace":
+        trace(args.component, args.side, args.preset, args.size, args.top)
         return
     if args.what == "tiny":
-        tiny(args.rounds, args.jit)
+        tiny(args.rounds, modes)
+        return
+    if args.what == "convs":
+        convs(args.rounds)
         return
     lat = args.size // 8
-    if args.what == "convs":
-        cases = conv_cases()
-    else:
-        cases = []
-        if args.part in ("unet", "all"):
-            cases += unet_cases(2, lat)
-        if args.part in ("vae", "all"):
-            cases += vae_cases(lat)
-        if args.part in ("text", "all"):
-            cases += text_cases(1) + text_cases(2)
+    cases = []
+    if args.part in ("unet", "all"):
+        cases += unet_cases(2, lat)
+    if args.part in ("vae", "all"):
+        cases += vae_cases(lat)
+    if args.part in ("text", "all"):
+        cases += text_cases(1) + text_cases(2)
     cases = [c for c in cases if args.only in c.name]
-    rows = run_cases(cases, args.rounds, args.jit)
+    rows = run_cases(cases, args.rounds, modes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -89,9 +89,8 @@ def resolve(args: argparse.Namespace) -> Dict:
     port_modes = _csv(args.port_modes)
     missing = [m for m in port_modes if m not in PORT_MODES]
     if missing or not port_modes:
-        raise UsageError(f"port mode {', '.join(missing) or '(none given)'} is not offered by the "
-                         f"port yet (available: {', '.join(PORT_MODES)}); a graph/jit mode plugs "
-                         "in through benchmarks.workloads.PORT_MODES")
+        raise UsageError(f"unknown port mode {', '.join(missing) or '(none given)'}; "
+                         f"choose from {', '.join(PORT_MODES)}")
     for name in ("rounds", "steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")

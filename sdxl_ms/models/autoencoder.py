@@ -12,7 +12,9 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VAEConfig
-from ..nn.layers import Conv2d, GroupNorm, Upsample, attention, silu
+from ..backend import run_graph, run_model
+from ..nn.layers import (Conv2d, GroupNorm, Upsample, attention_heads_t, conv2d, group_norm, silu,
+                         weights_of)
 
 GROUPNORM_EPS = 1e-6  # ldm `Normalize`; diffusers' VAE uses the same
 
@@ -30,11 +32,20 @@ class ResnetBlock(nn.Cell):
                              if in_channels != out_channels else None)
 
     def construct(self, x):
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
+        params = [self.norm1.weight, self.norm1.bias, self.conv1.weight, self.conv1.bias,
+                  self.norm2.weight, self.norm2.bias, self.conv2.weight, self.conv2.bias]
         if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
+            params += [self.nin_shortcut.weight, self.nin_shortcut.bias]
+        return run_graph(_resnet_block, x, weights_of(self, params),
+                         (self.norm1.num_groups, self.norm1.eps, self.norm2.num_groups,
+                          self.norm2.eps))
+
+
+def _resnet_block(x, w, norms):
+    """norms = (groups, eps) of norm1 and norm2."""
+    h = conv2d(silu(group_norm(x, norms[0], w[0], w[1], norms[1])), w[2], w[3], 1, 1)
+    h = conv2d(silu(group_norm(h, norms[2], w[4], w[5], norms[3])), w[6], w[7], 1, 1)
+    return (conv2d(x, w[8], w[9]) if len(w) == 10 else x) + h
 
 
 class AttnBlock(nn.Cell):
@@ -49,15 +60,21 @@ class AttnBlock(nn.Cell):
         self.proj_out = Conv2d(channels, channels, 1, dtype=dtype)
 
     def construct(self, x):
-        b, c, h, w = x.shape
-        n = self.norm(x)
+        params = [self.norm.weight, self.norm.bias]
+        for conv in (self.q, self.k, self.v, self.proj_out):
+            params += [conv.weight, conv.bias]
+        return run_graph(_attn_block, x, weights_of(self, params),
+                         (self.norm.num_groups, self.norm.eps))
 
-        def tokens(t):  # (B, C, H, W) -> (B, HW, C)
-            return t.reshape(b, c, h * w).transpose(0, 2, 1)
 
-        out = attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)), heads=1)
-        out = out.transpose(0, 2, 1).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+def _attn_block(x, w, norm):
+    """Single-head attention over H*W. In NCHW each image's q, k, v are already (C, HW): the
+    transposed layout of `attention_heads_t`, so nothing is transposed."""
+    b, c, h, wd = x.shape
+    n = group_norm(x, norm[0], w[0], w[1], norm[1])
+    q, k, v = (conv2d(n, w[i], w[i + 1]).reshape(b, c, h * wd) for i in (2, 4, 6))
+    out = ops.stack([attention_heads_t(q[i], k[i], v[i], 1) for i in range(b)])
+    return x + conv2d(out.reshape(b, c, h, wd), w[8], w[9])
 
 
 class Downsample(nn.Cell):
@@ -176,6 +193,9 @@ class AutoencoderKL(nn.Cell):
 
     def encode(self, x):
         """Image in [-1, 1], (B, 3, H, W) -> moments (B, 2z, H/f, W/f): mean then raw logvar."""
+        return run_model(self, self._encode, x)
+
+    def _encode(self, x):
         return self.quant_conv(self.encoder(x.astype(self.dtype)))
 
     def encode_mean(self, x):
@@ -183,6 +203,9 @@ class AutoencoderKL(nn.Cell):
 
     def decode(self, z):
         """Latents already divided by the scale factor -> float image (B, 3, H, W), unclipped."""
+        return run_model(self, self._decode, z)
+
+    def _decode(self, z):
         return self.decoder(self.post_quant_conv(z.astype(self.dtype)))
 
     def construct(self, z):

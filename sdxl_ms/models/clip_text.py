@@ -14,7 +14,9 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
-from ..nn.layers import Embedding, LayerNorm, Linear, attention, gelu, quick_gelu
+from ..backend import run_graph, run_model
+from ..nn.layers import (Embedding, LayerNorm, Linear, attention, attention_t, gelu, layer_norm,
+                         linear, linear_from_t, quick_gelu, weights_of)
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
@@ -85,6 +87,7 @@ class CLIPMLP(nn.Cell):
 class CLIPEncoderLayer(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
+        self.cfg = cfg
         self.self_attn = CLIPAttention(cfg, dtype)
         self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = CLIPMLP(cfg, dtype)
@@ -93,6 +96,32 @@ class CLIPEncoderLayer(nn.Cell):
     def construct(self, x, mask):
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
+
+    def run_tokens(self, x, batch: int):
+        """The layer with causal self-attention on row-major tokens x (B*L, W): one graph in
+        jit "blocks" mode."""
+        a, m = self.self_attn, self.mlp
+        w = weights_of(self, [self.layer_norm1.weight, self.layer_norm1.bias,
+                              a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                              a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
+                              a.out_proj.weight, a.out_proj.bias,
+                              self.layer_norm2.weight, self.layer_norm2.bias,
+                              m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias])
+        return run_graph(_clip_layer, x, w, batch, self.cfg.heads, m.act,
+                         (self.layer_norm1.eps, self.layer_norm2.eps))
+
+
+def _clip_layer(x, w, batch: int, heads: int, act, eps):
+    """Pre-LayerNorm transformer layer, causal self-attention, MLP; x (B*L, W) row-major."""
+    h = layer_norm(x, w[0], w[1], eps[0])
+    x = linear_from_t(attention_t(h, None, batch, heads, w[2], w[3], w[4], w[5], w[6], w[7],
+                                  causal=True), w[8], w[9]) + x
+    return mlp(layer_norm(x, w[10], w[11], eps[1]), w[12:16], act) + x
+
+
+def mlp(x, w, act):
+    """fc2(act(fc1(x))) on row-major tokens, w = (fc1 weight, bias, fc2 weight, bias)."""
+    return linear(act(linear(x, w[0], w[1])), w[2], w[3])
 
 
 class CLIPTextEmbeddings(nn.Cell):
@@ -134,22 +163,32 @@ class CLIPTextModel(nn.Cell):
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg, dtype)
 
-    def _run(self, ids, num_layers: int):
-        ids = as_ids(ids)
-        x = self.text_model.embeddings(ids)
-        mask = causal_mask(ids.shape[-1])
+    def _tokens(self, ids, first: int, last: int, x=None):
+        """Row-major hidden states (B*L, W) after layers [first, last) (from the embeddings
+        when x is None)."""
+        b = ids.shape[0]
+        if x is None:
+            x = self.text_model.embeddings(ids)
+            x = x.reshape(-1, x.shape[-1])
         layers = self.text_model.encoder.layers
-        for i in range(num_layers):
-            x = layers[i](x, mask)
-        return ids, x
+        for i in range(first, last):
+            x = layers[i].run_tokens(x, b)
+        return x
 
     def penultimate(self, ids) -> Tensor:
         """Only the (B, L, W) penultimate hidden state: skips the last layer's work."""
-        return self._run(ids, self.cfg.layers - 1)[1]
+        return run_model(self, self._penultimate, as_ids(ids))
+
+    def _penultimate(self, ids):
+        x = self._tokens(ids, 0, self.cfg.layers - 1)
+        return x.reshape(ids.shape[0], ids.shape[1], -1)
 
     def construct(self, ids) -> Tuple[Tensor, Tensor, Tensor]:
-        ids, penultimate = self._run(ids, self.cfg.layers - 1)
-        mask = causal_mask(ids.shape[-1])
+        return run_model(self, self._forward, as_ids(ids))
+
+    def _forward(self, ids):
+        b, length = ids.shape
+        pen = self._tokens(ids, 0, self.cfg.layers - 1)
         last = self.text_model.final_layer_norm(
-            self.text_model.encoder.layers[self.cfg.layers - 1](penultimate, mask))
-        return penultimate, last, gather_rows(last, eos_positions(ids))
+            self._tokens(ids, self.cfg.layers - 1, self.cfg.layers, pen)).reshape(b, length, -1)
+        return pen.reshape(b, length, -1), last, gather_rows(last, eos_positions(ids))

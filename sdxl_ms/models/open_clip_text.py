@@ -13,8 +13,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
-from ..nn.layers import Embedding, LayerNorm, Linear, new_parameter, attention
-from .clip_text import ACTIVATIONS, as_ids, causal_mask, eos_positions, gather_rows
+from ..backend import run_graph, run_model
+from ..nn.layers import (Embedding, LayerNorm, Linear, attend_t, attention, layer_norm,
+                         linear_from_t, linear_t, new_parameter, weights_of)
+from .clip_text import ACTIVATIONS, as_ids, eos_positions, gather_rows, mlp
 
 
 class MultiheadAttention(nn.Cell):
@@ -49,6 +51,7 @@ class MLP(nn.Cell):
 class ResidualAttentionBlock(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
+        self.cfg = cfg
         self.ln_1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.attn = MultiheadAttention(cfg.width, cfg.heads, dtype)
         self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
@@ -57,6 +60,26 @@ class ResidualAttentionBlock(nn.Cell):
     def construct(self, x, mask):
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
+
+    def run_tokens(self, x, batch: int):
+        """The block with causal self-attention on row-major tokens x (B*L, W): one graph in
+        jit "blocks" mode."""
+        a, m = self.attn, self.mlp
+        w = weights_of(self, [self.ln_1.weight, self.ln_1.bias, a.in_proj_weight, a.in_proj_bias,
+                              a.out_proj.weight, a.out_proj.bias, self.ln_2.weight, self.ln_2.bias,
+                              m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias])
+        return run_graph(_open_clip_block, x, w, batch, self.cfg.heads, m.act,
+                         (self.ln_1.eps, self.ln_2.eps))
+
+
+def _open_clip_block(x, w, batch: int, heads: int, act, eps):
+    """ln_1, causal self-attention with the fused (3W, W) input projection, ln_2, MLP. The
+    projection runs transposed, so q, k and v are row blocks of one GEMM's output."""
+    width = x.shape[1]
+    qkv = linear_t(layer_norm(x, w[0], w[1], eps[0]), w[2], w[3])
+    out_t = attend_t(qkv[:width], qkv[width:2 * width], qkv[2 * width:], batch, heads, causal=True)
+    x = linear_from_t(out_t, w[4], w[5]) + x
+    return mlp(layer_norm(x, w[6], w[7], eps[1]), w[8:12], act) + x
 
 
 class Transformer(nn.Cell):
@@ -87,14 +110,16 @@ class OpenCLIPTextModel(nn.Cell):
         self.logit_scale = new_parameter((), dtype)  # contrastive temperature, unused for SDXL
 
     def construct(self, ids) -> Tuple[Tensor, Tensor]:
-        ids = as_ids(ids)
-        length = ids.shape[-1]
+        return run_model(self, self._forward, as_ids(ids))
+
+    def _forward(self, ids):
+        b, length = ids.shape
         x = self.token_embedding(ids) + self.positional_embedding[:length]
-        mask = causal_mask(length)
+        x = x.reshape(b * length, -1)
         blocks = self.transformer.resblocks
         for i in range(self.cfg.layers - 1):
-            x = blocks[i](x, mask)
-        penultimate = x
-        last = self.ln_final(blocks[self.cfg.layers - 1](x, mask))
+            x = blocks[i].run_tokens(x, b)
+        penultimate = x.reshape(b, length, -1)
+        last = self.ln_final(blocks[self.cfg.layers - 1].run_tokens(x, b)).reshape(b, length, -1)
         pooled = ops.matmul(gather_rows(last, eos_positions(ids)), self.text_projection)
         return penultimate, pooled
