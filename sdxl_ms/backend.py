@@ -33,6 +33,8 @@ def cpu_threads() -> int:
     """Kernel threads for the CPU backend: `SDXL_MS_THREADS`, else the cores this process may use."""
     env = os.environ.get("SDXL_MS_THREADS")
     if env:
+        if not env.strip().isdigit():
+            raise ValueError(f"SDXL_MS_THREADS must be a whole number of threads, got {env!r}")
         return max(1, int(env))
     try:
         return len(os.sched_getaffinity(0))
@@ -48,6 +50,7 @@ def init_runtime() -> None:
     global _runtime_ready
     if _runtime_ready:
         return
+    conv_impl(), jit_mode()  # a bad SDXL_MS_CONV / SDXL_MS_JIT fails here, before any work
     if is_cpu():
         ms.runtime.launch_blocking()
         from mindspore.device_context.cpu.op_tuning import RuntimeConf
@@ -68,8 +71,16 @@ def jit_mode() -> str:
     variable (0/off, 1/blocks, model)."""
     global _jit_mode
     if _jit_mode is None:
-        _jit_mode = _parse_mode(os.environ.get("SDXL_MS_JIT", "off"))
+        _jit_mode = _mode_from_env()
     return _jit_mode
+
+
+def _mode_from_env() -> str:
+    # its own function: ms.jit parses `jit_mode` (called inside graphs) and rejects `try`
+    try:
+        return _parse_mode(os.environ.get("SDXL_MS_JIT", "off"))
+    except ValueError as err:
+        raise ValueError(f"SDXL_MS_JIT: {err}") from None
 
 
 def jit_enabled() -> bool:

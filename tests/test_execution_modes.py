@@ -106,3 +106,18 @@ def test_jit_mode_names():
     backend.set_jit("off")
     with pytest.raises(ValueError, match="jit mode must be one of off, blocks, model"):
         backend.set_jit("fast")
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("SDXL_MS_THREADS", "two", "SDXL_MS_THREADS must be a whole number of threads, got 'two'"),
+    ("SDXL_MS_JIT", "fast", "SDXL_MS_JIT: jit mode must be one of off, blocks, model, got 'fast'"),
+    ("SDXL_MS_CONV", "fast", "SDXL_MS_CONV must be one of auto, native, im2col, got 'fast'"),
+])
+def test_bad_switch_values_name_the_variable(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(backend, "_jit_mode", None)  # re-read SDXL_MS_JIT
+    read = {"SDXL_MS_THREADS": backend.cpu_threads, "SDXL_MS_JIT": backend.jit_mode,
+            "SDXL_MS_CONV": backend.conv_impl}[variable]
+    with pytest.raises(ValueError) as err:
+        read()
+    assert str(err.value) == message
