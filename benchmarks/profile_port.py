@@ -382,8 +382,14 @@ def _text(which, batch):
     params = named_parameters(port, prefix[:-len(sub)])
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
           convert_to_diffusers(_prefixed(rules, prefix), lambda n: params[n].asnumpy())}
-    sd = {k: v for k, v in sd.items() if k in ref.state_dict()}
-    ref.load_state_dict(sd, strict=False)
+    ref_keys = set(ref.state_dict())
+    if not any(k.startswith("text_model.") for k in ref_keys):  # transformers 5: no prefix
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    missing = ref_keys - set(sd)
+    if missing:  # a silently half-loaded reference would make every rel-L2 meaningless
+        raise RuntimeError(f"reference text encoder: {len(missing)} weights not loaded, "
+                           f"e.g. {sorted(missing)[:3]}")
+    ref.load_state_dict({k: v for k, v in sd.items() if k in ref_keys}, strict=True)
     ref.eval()
 
     def torch_fn():
