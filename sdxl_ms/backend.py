@@ -2,9 +2,9 @@
 lowering, and the runtime settings each backend needs.
 
 `conv_impl()` is "native" on every backend by default. *Measured* on MindSpore 2.10 CPU (2
-cores): once ops launch synchronously (`init_runtime`), the native 3x3 Conv2D runs at 0.3-1.2x
-PyTorch's time at every SDXL shape, while the im2col lowering costs 1.0-2.4x (its unfold copy
-alone is as slow as the GEMM). The "700x slower" native CPU convolution was an artefact of the
+cores): once ops launch synchronously (`init_runtime`), the native 3x3 Conv2D runs at 0.4-1.5x
+PyTorch's time at SDXL shapes (`benchmarks.profile_port convs`), while the im2col lowering costs
+0.5-2.6x and more than native at nearly every shape (its unfold copy is as slow as the GEMM). The "700x slower" native CPU convolution was an artefact of the
 asynchronous launch queue. Set ``SDXL_MS_CONV=native|im2col`` to force either path; results
 agree to fp32 rounding.
 """

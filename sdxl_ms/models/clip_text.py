@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
 from ..backend import run_graph, run_model
-from ..nn.layers import (Embedding, LayerNorm, Linear, attention, attention_t, gelu, layer_norm,
+from ..nn.layers import (Embedding, LayerNorm, Linear, attention_t, gelu, layer_norm,
                          linear, linear_from_t, quick_gelu, weights_of)
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
@@ -26,16 +26,6 @@ def as_ids(ids) -> Tensor:
     if isinstance(ids, Tensor):
         return ids.astype(ms.int32)
     return Tensor(np.asarray(ids, dtype=np.int32))
-
-
-def causal_mask(length: int) -> Tensor:
-    """Additive (1, 1, L, L) mask: position i attends to positions <= i.
-
-    The most negative float32 rather than -inf keeps the softmax NaN-free; the masked
-    probabilities still underflow to exactly 0.
-    """
-    mask = np.triu(np.full((length, length), np.finfo(np.float32).min, np.float32), k=1)
-    return Tensor(mask.reshape(1, 1, length, length))
 
 
 def eos_positions(ids: Tensor) -> Tensor:
@@ -58,6 +48,8 @@ def gather_rows(x: Tensor, positions: Tensor) -> Tensor:
 
 
 class CLIPAttention(nn.Cell):
+    """Weights only: the layer's forward is `_clip_layer`."""
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         w = cfg.width
@@ -68,20 +60,15 @@ class CLIPAttention(nn.Cell):
         self.q_proj = Linear(w, w, dtype=dtype)
         self.out_proj = Linear(w, w, dtype=dtype)
 
-    def construct(self, x, mask):
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask)
-        return self.out_proj(out)
-
 
 class CLIPMLP(nn.Cell):
+    """Weights and activation only: the forward is `mlp`."""
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
         self.fc1 = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
         self.fc2 = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
-
-    def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Cell):
@@ -92,10 +79,6 @@ class CLIPEncoderLayer(nn.Cell):
         self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = CLIPMLP(cfg, dtype)
         self.layer_norm2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
-
-    def construct(self, x, mask):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
 
     def run_tokens(self, x, batch: int):
         """The layer with causal self-attention on row-major tokens x (B*L, W): one graph in

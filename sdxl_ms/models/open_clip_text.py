@@ -14,13 +14,14 @@ from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
 from ..backend import run_graph, run_model
-from ..nn.layers import (Embedding, LayerNorm, Linear, attend_t, attention, layer_norm,
+from ..nn.layers import (Embedding, LayerNorm, Linear, attend_t, layer_norm,
                          linear_from_t, linear_t, new_parameter, weights_of)
 from .clip_text import ACTIVATIONS, as_ids, eos_positions, gather_rows, mlp
 
 
 class MultiheadAttention(nn.Cell):
-    """torch.nn.MultiheadAttention's parameter layout: one (3W, W) input projection."""
+    """torch.nn.MultiheadAttention's parameter layout: one (3W, W) input projection. Weights
+    only: the forward is `_open_clip_block`."""
 
     def __init__(self, width: int, heads: int, dtype):
         super().__init__()
@@ -28,24 +29,16 @@ class MultiheadAttention(nn.Cell):
         self.in_proj_weight = new_parameter((3 * width, width), dtype)
         self.in_proj_bias = new_parameter((3 * width,), dtype)
         self.out_proj = Linear(width, width, dtype=dtype)
-        self._matmul = ops.MatMul(transpose_b=True)
-
-    def construct(self, x, mask):
-        b, length, w = x.shape
-        qkv = self._matmul(x.reshape(b * length, w), self.in_proj_weight) + self.in_proj_bias
-        q, k, v = ops.split(qkv.reshape(b, length, 3 * w), w, axis=-1)
-        return self.out_proj(attention(q, k, v, self.heads, mask))
 
 
 class MLP(nn.Cell):
+    """Weights and activation only: the forward is `clip_text.mlp`."""
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
         self.c_fc = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
         self.c_proj = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
-
-    def construct(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Cell):
@@ -56,10 +49,6 @@ class ResidualAttentionBlock(nn.Cell):
         self.attn = MultiheadAttention(cfg.width, cfg.heads, dtype)
         self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype)
-
-    def construct(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
 
     def run_tokens(self, x, batch: int):
         """The block with causal self-attention on row-major tokens x (B*L, W): one graph in

@@ -11,12 +11,10 @@ from mindspore import nn, ops
 
 from ..backend import run_graph, run_model
 from ..config import UNetConfig
-from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU, attention_t,
-                         conv2d, gelu, group_norm, layer_norm, linear, linear_from_t, linear_t,
-                         silu, timestep_embedding, Upsample, weights_of)
+from ..nn.layers import (_MM_NT, _MM_TT, Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU,
+                         attention_t, conv2d, gelu, group_norm, layer_norm, linear, linear_from_t,
+                         linear_t, silu, timestep_embedding, Upsample, weights_of)
 
-_MM_NT = ops.MatMul(transpose_b=True)
-_MM_TT = ops.MatMul(transpose_a=True, transpose_b=True)
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm in front of the spatial transformer
 RESBLOCK_NORM_EPS = 1e-5
@@ -72,14 +70,9 @@ class CrossAttention(nn.Cell):
         self.to_out = nn.SequentialCell([Linear(inner, query_dim, dtype=dtype), Identity()])
 
     def weights(self):
+        """Weights only: the forward is `_attention`, inside `_transformer_block`."""
         return [self.to_q.weight, self.to_k.weight, self.to_v.weight, self.to_out[0].weight,
                 self.to_out[0].bias]
-
-    def construct(self, x, context=None):
-        b, length, dim = x.shape
-        ctx = None if context is None else context.reshape(-1, context.shape[-1])
-        return _attention(x.reshape(b * length, dim), ctx, self.weights(), b,
-                          self.heads).reshape(b, length, -1)
 
 
 def _attention(x, ctx, w, batch: int, heads: int):
@@ -92,10 +85,6 @@ class GEGLU(nn.Cell):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2, dtype=dtype)
 
-    def construct(self, x):
-        x, gate = ops.chunk(self.proj(x), 2, axis=-1)
-        return x * gelu(gate)
-
 
 class FeedForward(nn.Cell):
     def __init__(self, dim: int, dtype, mult: int = 4):
@@ -104,12 +93,9 @@ class FeedForward(nn.Cell):
                                       Linear(dim * mult, dim, dtype=dtype)])
 
     def weights(self):
+        """Weights only: the forward is `_feed_forward`, inside `_transformer_block`."""
         proj, out = self.net[0].proj, self.net[2]
         return [proj.weight, proj.bias, out.weight, out.bias]
-
-    def construct(self, x):
-        lead, dim = x.shape[:-1], x.shape[-1]
-        return _feed_forward(x.reshape(-1, dim), self.weights()).reshape(lead + (-1,))
 
 
 def _feed_forward(x, w):

@@ -1,6 +1,6 @@
 """Building blocks with PyTorch parameter names (`weight`/`bias`) and explicit epsilons."""
-from .layers import (Conv2d, Embedding, GroupNorm, Identity, LayerNorm, Linear, SiLU, Upsample, attention,
+from .layers import (Conv2d, Embedding, GroupNorm, Identity, LayerNorm, Linear, SiLU, Upsample,
                      gelu, quick_gelu, silu, timestep_embedding, upsample_nearest2x)
 
 __all__ = ["Conv2d", "Embedding", "GroupNorm", "Identity", "LayerNorm", "Linear", "SiLU", "Upsample",
-           "attention", "gelu", "quick_gelu", "silu", "timestep_embedding", "upsample_nearest2x"]
+           "gelu", "quick_gelu", "silu", "timestep_embedding", "upsample_nearest2x"]

@@ -99,20 +99,18 @@ def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0):
     The kernel is `backend.conv_impl()`'s."""
     b, o = x.shape[0], weight.shape[0]
     per_image = bias is not None and bias.shape[0] != o
+    channel_bias = None if per_image else bias
     if _CONV_IMPL.get() == "native":
-        y = ops.conv2d(x, weight, None if per_image else bias, stride=stride, pad_mode="pad",
-                       padding=padding)
-        if not per_image:
-            return y
+        y = ops.conv2d(x, weight, channel_bias, stride=stride, pad_mode="pad", padding=padding)
     else:
         if weight.shape[2] == 1 and stride == 1 and padding == 0:
             y = _conv1x1(x, weight)
         else:
             y = _conv_im2col(x, weight, stride, padding)
-        if bias is None:
-            return y
-        if not per_image:
-            return ops.bias_add(y, bias)
+        if channel_bias is not None:
+            y = ops.bias_add(y, channel_bias)
+    if not per_image:
+        return y
     h, w = y.shape[2], y.shape[3]
     return ops.bias_add(y.reshape(1, b * o, h, w), bias).reshape(b, o, h, w)
 
@@ -279,25 +277,6 @@ def gelu(x):
 def quick_gelu(x):
     """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
     return x * ops.sigmoid(1.702 * x)
-
-
-def attention(q, k, v, heads: int, mask: Optional[Tensor] = None):
-    """Multi-head scaled dot-product attention on (B, L, heads*d) tensors.
-
-    `mask` is additive, broadcastable to (B, heads, Lq, Lk). Softmax runs in float32.
-    """
-    b, lq, inner = q.shape
-    lk = k.shape[1]
-    d = inner // heads
-    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
-    k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
-    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    scores = ops.matmul(q, k).astype(ms.float32) * (1.0 / math.sqrt(d))
-    if mask is not None:
-        scores = scores + mask
-    probs = ops.softmax(scores, axis=-1).astype(v.dtype)
-    out = ops.matmul(probs, v).transpose(0, 2, 1, 3)
-    return out.reshape(b, lq, inner)
 
 
 def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
