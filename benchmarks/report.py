@@ -81,6 +81,7 @@ def benchmark_entry(record: Dict[str, Any]) -> Dict[str, Any]:
         "compile_s": compile_s,
         "load_s": record.get("load_s"),
         "warmup_s": record.get("warmup_s"),
+        "pass_medians_s": record.get("pass_medians_s"),
     }
     if record.get("gpu"):
         extra["gpu"] = record["gpu"]
@@ -304,6 +305,12 @@ def render_markdown(results: Dict[str, Any]) -> str:
              "- FLOPs: analytic (benchmarks/flops.py), 2 per multiply-accumulate of matmuls, "
              "convolutions and attention; GFLOP/s = FLOPs / median",
              "- device peak: the framework allocator's peak on an accelerator; - on CPU"]
+    if (run.get("repeats") or 1) > 1:
+        per_pass = "; ".join(
+            f"{c} {side} ({mode}) " + " / ".join(fmt_seconds(m) for m in e["extra_info"]["pass_medians_s"])
+            for (c, side, mode), e in by_key.items() if e["extra_info"].get("pass_medians_s"))
+        notes.append(f"- {run['repeats']} interleaved passes over all measurements, samples "
+                     f"pooled; each pass's median: {per_pass}")
     machine = results.get("machine_info", {})
     cpu = machine.get("cpu", {})
     load = run.get("load_average")

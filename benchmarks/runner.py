@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the pipeline component")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the rounds")
     p.add_argument("--rounds", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over all measurements, interleaved (port, reference, port, "
+                        "...); samples are pooled, so a machine whose speed drifts during the "
+                        "run biases neither side")
     p.add_argument("--checkpoint", default=None,
                    help="sgm file or diffusers folder (default: the cached seeded checkpoint of "
                         "tiny; random weights for sdxl-base, no 14 GB file)")
@@ -91,7 +95,7 @@ def resolve(args: argparse.Namespace) -> Dict:
     if missing or not port_modes:
         raise UsageError(f"unknown port mode {', '.join(missing) or '(none given)'}; "
                          f"choose from {', '.join(PORT_MODES)}")
-    for name in ("rounds", "steps"):
+    for name in ("rounds", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if args.warmup < 0:
@@ -192,6 +196,25 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def merge_passes(records: Sequence[Dict]) -> Dict:
+    """One record from the same spec measured in several passes: samples pooled (the median
+    is over all of them), memory the worst pass's, one-off costs the median pass's, and each
+    pass's median kept so drift between passes stays visible."""
+    if len(records) == 1:
+        return records[0]
+    merged = dict(records[0])
+    merged["samples_s"] = [s for r in records for s in r["samples_s"]]
+    merged["warmup_s"] = [s for r in records for s in r["warmup_s"]]
+    merged["pass_medians_s"] = [statistics.median(r["samples_s"]) for r in records]
+    for key in ("baseline_rss_bytes", "loaded_rss_bytes", "peak_rss_bytes", "device_peak_bytes"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        merged[key] = max(values) if values else None
+    for key in ("first_call_s", "compile_s", "load_s"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    return merged
+
+
 def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[float]], Dict]] = None) -> int:
     """Plan, measure one at a time, write the three outputs. `measure` is injectable for tests."""
     from .report import build_results, fmt_bytes, fmt_seconds, render_markdown, write_outputs
@@ -203,23 +226,31 @@ def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[flo
         from parity.reference import diffusers_folder_for  # convert an sgm file once, up front
 
         diffusers_folder_for(Path(settled["checkpoint"]))
-    records, failures = [], []
+    passes: Dict[int, List[Dict]] = {i: [] for i in range(len(specs))}
+    failures = []
     load_start = _load_average()
-    for i, spec in enumerate(specs, 1):
-        _log(f"[{i}/{len(specs)}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
+    total = len(specs) * args.repeats
+    for n in range(total):
+        i, spec = n % len(specs), specs[n % len(specs)]
+        if passes[i] is None:  # failed in an earlier pass: not retried
+            continue
+        _log(f"[{n + 1}/{total}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
         try:
             record = measure(spec, args.timeout)
         except MeasureError as exc:
             failures.append({"component": spec.component, "side": spec.side, "mode": spec.mode,
                              "error": str(exc)})
             _log(f"      FAILED: {exc}")
+            passes[i] = None
             continue
-        records.append(record)
+        passes[i].append(record)
         _log(f"      median {fmt_seconds(statistics.median(record['samples_s']))}, "
              f"peak RSS {fmt_bytes(record['peak_rss_bytes'])}")
+    records = [merge_passes(passes[i]) for i in range(len(specs)) if passes[i]]
     run_info = {"preset": settled["preset"], "height": settled["height"],
                 "width": settled["width"], "dtype": args.dtype, "steps": args.steps,
-                "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
+                "warmup": args.warmup, "rounds": args.rounds, "repeats": args.repeats,
+                "threads": args.threads,
                 "components": settled["components"], "port_modes": settled["port_modes"],
                 "reference_device": args.reference_device, "port_device": args.port_device,
                 "checkpoint": settled["checkpoint"],

@@ -90,11 +90,11 @@ class CLIPEncoderLayer(nn.Cell):
                               a.out_proj.weight, a.out_proj.bias,
                               self.layer_norm2.weight, self.layer_norm2.bias,
                               m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias])
-        return run_graph(_clip_layer, x, w, batch, self.cfg.heads, m.act,
+        return run_graph(_clip_layer, m.act, x, w, batch, self.cfg.heads,
                          (self.layer_norm1.eps, self.layer_norm2.eps))
 
 
-def _clip_layer(x, w, batch: int, heads: int, act, eps):
+def _clip_layer(act, x, w, batch: int, heads: int, eps):
     """Pre-LayerNorm transformer layer, causal self-attention, MLP; x (B*L, W) row-major."""
     h = layer_norm(x, w[0], w[1], eps[0])
     x = linear_from_t(attention_t(h, None, batch, heads, w[2], w[3], w[4], w[5], w[6], w[7],

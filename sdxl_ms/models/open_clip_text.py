@@ -57,11 +57,11 @@ class ResidualAttentionBlock(nn.Cell):
         w = weights_of(self, [self.ln_1.weight, self.ln_1.bias, a.in_proj_weight, a.in_proj_bias,
                               a.out_proj.weight, a.out_proj.bias, self.ln_2.weight, self.ln_2.bias,
                               m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias])
-        return run_graph(_open_clip_block, x, w, batch, self.cfg.heads, m.act,
+        return run_graph(_open_clip_block, m.act, x, w, batch, self.cfg.heads,
                          (self.ln_1.eps, self.ln_2.eps))
 
 
-def _open_clip_block(x, w, batch: int, heads: int, act, eps):
+def _open_clip_block(act, x, w, batch: int, heads: int, eps):
     """ln_1, causal self-attention with the fused (3W, W) input projection, ln_2, MLP. The
     projection runs transposed, so q, k and v are row blocks of one GEMM's output."""
     width = x.shape[1]
