@@ -39,7 +39,8 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _timed(fn) -> float:
+def timed_call(fn) -> float:
+    """Wall seconds of one call of `fn`."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -58,8 +59,8 @@ def measure(spec: Spec) -> Dict[str, Any]:
 
     calls: List[float] = []
     for _ in range(spec.warmup):
-        calls.append(_timed(workload.call))
-    samples = [_timed(workload.call) for _ in range(spec.rounds)]
+        calls.append(timed_call(workload.call))
+    samples = [timed_call(workload.call) for _ in range(spec.rounds)]
     return make_record(spec, workload, samples, calls, first_call_s=(calls or samples)[0],
                        load_s=load_s, baseline_rss=baseline_rss, loaded_rss=loaded_rss)
 

@@ -23,24 +23,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .measure import timed_call, peak_rss_bytes
+
 SEED = 0
-
-
-def median_time(fn: Callable[[], object], rounds: int) -> float:
-    fn()
-    return float(np.median([_timed(fn) for _ in range(rounds)]))
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def paired_times(port_fn, torch_fn, rounds: int) -> Tuple[float, float]:
@@ -49,8 +39,8 @@ def paired_times(port_fn, torch_fn, rounds: int) -> Tuple[float, float]:
     torch_fn()
     tp, tt = [], []
     for _ in range(rounds):
-        tp.append(_timed(port_fn))
-        tt.append(_timed(torch_fn))
+        tp.append(timed_call(port_fn))
+        tt.append(timed_call(torch_fn))
     return float(np.median(tp)), float(np.median(tt))
 
 
@@ -60,7 +50,7 @@ def rel_l2(a, b) -> float:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return peak_rss_bytes() / 2 ** 30
 
 
 # ---- port / torch setup -----------------------------------------------------------------------
@@ -482,10 +472,10 @@ def convs(rounds: int) -> None:
             layers._CONV_IMPL.value = impl
             errs[impl] = rel_l2(fn(*args), want)
         for _ in range(rounds):
-            times["torch"].append(_timed(torch_fn))
+            times["torch"].append(timed_call(torch_fn))
             for impl in ("native", "im2col"):
                 layers._CONV_IMPL.value = impl
-                times[impl].append(_timed(lambda: fn(*args)))
+                times[impl].append(timed_call(lambda: fn(*args)))
         layers._CONV_IMPL.value = None
         t = {k: float(np.median(v)) for k, v in times.items()}
         print(f"{case.name:36s} torch {t['torch'] * 1e3:8.1f} ms | native {t['native'] * 1e3:8.1f}"
@@ -524,8 +514,8 @@ def whole(component: str, side: str, preset: str, size: int, rounds: int, jit: s
     else:
         call = _whole_torch(component, cfg, size, x, t, ctx, y, z, ids)
     build_s = time.perf_counter() - t0
-    first = _timed(call)
-    times = [_timed(call) for _ in range(rounds)]
+    first = timed_call(call)
+    times = [timed_call(call) for _ in range(rounds)]
     steady = float(np.median(times))
     rec = {"component": component, "side": side, "preset": preset, "size": size, "jit": jit,
            "build_s": build_s, "first_call_s": first, "compile_s": max(first - steady, 0.0),
@@ -612,7 +602,7 @@ def trace(component: str, side: str, preset: str, size: int, top: int) -> None:
 
         call = _whole_torch(component, cfg, size, x, t, ctx, y, z, ids)
         call()
-        total = _timed(call)
+        total = timed_call(call)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             call()
         print(f"torch {component} total {total:.2f} s")
@@ -624,7 +614,7 @@ def trace(component: str, side: str, preset: str, size: int, top: int) -> None:
     call = _whole_port(component, cfg, "off", x, t, ctx, y, z, ids)
     call()
     records.clear()
-    total = _timed(call)
+    total = timed_call(call)
     traced = sum(sum(v) for v in records.values())
     print(f"port {component} total {total:.2f} s; in traced kernels {traced:.2f} s; "
           f"the rest (Python, views, Tensor operators) {total - traced:.2f} s")
@@ -702,7 +692,7 @@ def tiny(rounds: int, modes: Sequence[str]) -> None:
     for mode in modes:
         set_jit(mode)
         for name, (pf, tf) in work.items():
-            first = _timed(pf)
+            first = timed_call(pf)
             tp, tt = paired_times(pf, tf, rounds)
             print(f"tiny  {name:34s} {mode:6s} port {tp * 1e3:8.1f} ms  torch {tt * 1e3:8.1f} ms"
                   f"  ratio {tp / tt:5.2f}  (first call {first:.2f} s)", flush=True)

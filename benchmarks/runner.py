@@ -226,27 +226,29 @@ def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[flo
         from parity.reference import diffusers_folder_for  # convert an sgm file once, up front
 
         diffusers_folder_for(Path(settled["checkpoint"]))
-    passes: Dict[int, List[Dict]] = {i: [] for i in range(len(specs))}
+    # each spec's records, one per pass; None once it failed (not retried in later passes)
+    passes: List[Optional[List[Dict]]] = [[] for _ in specs]
     failures = []
     load_start = _load_average()
-    total = len(specs) * args.repeats
-    for n in range(total):
-        i, spec = n % len(specs), specs[n % len(specs)]
-        if passes[i] is None:  # failed in an earlier pass: not retried
-            continue
-        _log(f"[{n + 1}/{total}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
-        try:
-            record = measure(spec, args.timeout)
-        except MeasureError as exc:
-            failures.append({"component": spec.component, "side": spec.side, "mode": spec.mode,
-                             "error": str(exc)})
-            _log(f"      FAILED: {exc}")
-            passes[i] = None
-            continue
-        passes[i].append(record)
-        _log(f"      median {fmt_seconds(statistics.median(record['samples_s']))}, "
-             f"peak RSS {fmt_bytes(record['peak_rss_bytes'])}")
-    records = [merge_passes(passes[i]) for i in range(len(specs)) if passes[i]]
+    total, step = len(specs) * args.repeats, 0
+    for _ in range(args.repeats):
+        for i, spec in enumerate(specs):
+            step += 1
+            if passes[i] is None:
+                continue
+            _log(f"[{step}/{total}] {spec.component:8s} {spec.side:9s} ({spec.mode}) ...")
+            try:
+                record = measure(spec, args.timeout)
+            except MeasureError as exc:
+                failures.append({"component": spec.component, "side": spec.side,
+                                 "mode": spec.mode, "error": str(exc)})
+                _log(f"      FAILED: {exc}")
+                passes[i] = None
+                continue
+            passes[i].append(record)
+            _log(f"      median {fmt_seconds(statistics.median(record['samples_s']))}, "
+                 f"peak RSS {fmt_bytes(record['peak_rss_bytes'])}")
+    records = [merge_passes(done) for done in passes if done]
     run_info = {"preset": settled["preset"], "height": settled["height"],
                 "width": settled["width"], "dtype": args.dtype, "steps": args.steps,
                 "warmup": args.warmup, "rounds": args.rounds, "repeats": args.repeats,

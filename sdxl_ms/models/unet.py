@@ -11,7 +11,7 @@ from mindspore import nn, ops
 
 from ..backend import run_graph, run_model
 from ..config import UNetConfig
-from ..nn.layers import (_MM_NT, _MM_TT, Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU,
+from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU,
                          attention_t, conv2d, gelu, group_norm, layer_norm, linear, linear_from_t,
                          linear_t, silu, timestep_embedding, Upsample, weights_of)
 
@@ -175,14 +175,14 @@ def _tokens_in(x, w, norm):
     proj_in: the transpose is a MatMul flag, one image at a time."""
     b, c, h, wd = x.shape
     n = group_norm(x, norm[0], w[0], w[1], norm[1]).reshape(b, c, h * wd)
-    return ops.bias_add(ops.cat([_MM_TT(n[i], w[2]) for i in range(b)], axis=0), w[3])
+    return ops.bias_add(ops.cat([linear_from_t(n[i], w[2]) for i in range(b)], axis=0), w[3])
 
 
 def _tokens_out(t, x, w):
     """proj_out back to NCHW (transpose as a MatMul flag), plus the residual x."""
     b, c, h, wd = x.shape
     length = h * wd
-    y = ops.stack([_MM_NT(w[0], t[i * length:(i + 1) * length]) for i in range(b)])
+    y = ops.stack([linear_t(t[i * length:(i + 1) * length], w[0]) for i in range(b)])
     return ops.bias_add(y, w[1]).reshape(b, c, h, wd) + x
 
 
