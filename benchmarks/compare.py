@@ -7,7 +7,6 @@ threshold either way is tabulated. Exit 2, with one line on stderr, for unusable
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -15,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from sdxl_ms.cli_common import ArgumentParser
+from sdxl_ms.errors import InputError
+
 from .report import entry_key, fmt_bytes, fmt_seconds
 
 METRICS = ("median", "peak_rss")
 RUN_KEYS = ("preset", "height", "width", "dtype", "steps", "threads", "reference_device")
 
 
-class BadInput(ValueError):
+class BadInput(InputError):
     """Input the gate cannot judge: reported in one line, exit status 2."""
 
 
@@ -135,7 +137,7 @@ def render(rows: Sequence[Row], threshold: float) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sdxl-bench compare",
         description="exit 1 when a gated side got slower (median) or bigger (peak RSS) than "
                     "the baseline by more than the threshold; 2 on unusable input")

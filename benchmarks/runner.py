@@ -21,6 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from sdxl_ms.cli_common import ArgumentParser, add_global_options, add_version, run_command
+from sdxl_ms.errors import InputError
+from sdxl_ms.validate import check_output_dir
+
 from .flops import COMPONENTS
 from .workloads import DTYPES, PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
 
@@ -29,7 +33,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A bad argument: one line on stderr, exit status 2."""
 
 
@@ -42,10 +46,18 @@ def _csv(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sdxl-bench",
-        description="Latency and memory of the MindSpore port against the diffusers reference. "
-                    "Subcommand: `sdxl-bench compare BASELINE.json CURRENT.json --fail-over 10%%`.")
+        usage="%(prog)s [options]\n       %(prog)s compare BASELINE.json CURRENT.json "
+              "[--fail-over PCT] [--sides SIDES]",
+        description="Latency and memory of the MindSpore port against the diffusers reference.",
+        epilog="commands:\n  compare     gate a run against a baseline: exit 1 when a gated "
+               "side got slower or bigger\n              than the threshold (sdxl-bench compare "
+               "--help)\n\nexit codes: 0 done, 1 a measurement failed (compare: a "
+               "regression), 2 bad input,\n3 internal error, 130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(p)
+    add_global_options(p)
     p.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="model size (default tiny, or the --checkpoint's)")
     p.add_argument("--height", type=int, default=None, help="image height (default: preset's)")
@@ -193,7 +205,10 @@ def _load_average() -> Optional[float]:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from sdxl_ms import progress
+
+    if progress.enabled():  # --quiet silences the progress lines
+        print(msg, file=sys.stderr, flush=True)
 
 
 def merge_passes(records: Sequence[Dict]) -> Dict:
@@ -221,6 +236,11 @@ def run(args: argparse.Namespace, measure: Optional[Callable[[Spec, Optional[flo
 
     settled = resolve(args)
     specs = plan(args, settled)
+    if measure is None and any(s.side == "reference" for s in specs):
+        from parity.reference import require_reference
+
+        require_reference("sdxl-bench's reference measurements")
+    check_output_dir(args.out, "output folder")
     measure = measure or measure_in_subprocess
     if settled["checkpoint"] and any(s.side == "reference" for s in specs):
         from parity.reference import diffusers_folder_for  # convert an sgm file once, up front
@@ -274,11 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"sdxl-bench: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("sdxl-bench", run, args)
 
 
 if __name__ == "__main__":

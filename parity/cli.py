@@ -1,15 +1,22 @@
 """`sdxl-parity`: the parity harness's command line.
 
-Exit codes: 0 pass, 1 parity failure, 2 bad input or usage (one line on stderr).
+Exit codes (`sdxl_ms.errors`): 0 pass, 1 a stage failed or the port raised in a stage, 2 bad
+input or usage (one line on stderr), 3 an internal error of the harness (`--debug` shows the
+traceback), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from sdxl_ms.cli_common import (ArgumentParser, add_global_options, add_version, common_options,
+                                 run_command)
 from sdxl_ms.config import PRESETS
+from sdxl_ms.errors import EXIT_FAILED, EXIT_OK, InputError
+from sdxl_ms.validate import check_existing, check_output_dir, check_writable_file
 
 
 def cmd_make_checkpoint(args) -> int:
@@ -19,7 +26,7 @@ def cmd_make_checkpoint(args) -> int:
     out = make_checkpoint(get_preset(args.preset), args.seed, Path(args.out), args.format,
                           args.dtype, overwrite=args.force)
     print(f"wrote {args.format} checkpoint ({args.preset}, seed {args.seed}) to {out}")
-    return 0
+    return EXIT_OK
 
 
 def _spec(args):
@@ -33,29 +40,38 @@ def _spec(args):
 
 
 def _validate_spec(spec) -> None:
+    """Everything a spec needs to be recorded and checked, before anything loads."""
     from sdxl_ms.config import get_preset
-    from sdxl_ms.pipeline import check_generation_args
-    from sdxl_ms.sampling import DIFFUSERS_SCHEDULERS, SAMPLERS
-    from sdxl_ms.sampling.discretization import SCHEDULES
+    from sdxl_ms.pipeline import check_generation_args, check_guidance
+    from sdxl_ms.sampling import diffusers_scheduler_spec
 
     get_preset(spec.preset)
+    if not spec.samplers:
+        raise InputError("--sampler names no sampler")
     for s in spec.samplers:
-        if s not in SAMPLERS:
-            raise ValueError(f"unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}")
-        if s not in DIFFUSERS_SCHEDULERS:
-            raise ValueError(f"sampler {s!r} has no diffusers counterpart to compare with; "
-                             f"choose from {', '.join(DIFFUSERS_SCHEDULERS)}")
-    if spec.schedule not in SCHEDULES or spec.schedule == "sgm":
-        raise ValueError(f"schedule {spec.schedule!r} cannot be compared with diffusers; choose "
-                         f"from {', '.join(s for s in SCHEDULES if s != 'sgm')}")
-    size = 8
-    check_generation_args(spec.height or size, spec.width or size, spec.steps, "np")
-    if spec.checkpoint and not Path(spec.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint not found: {spec.checkpoint}")
+        diffusers_scheduler_spec(s, spec.schedule)  # known, and comparable with diffusers
+    check_generation_args(spec.height or 8, spec.width or 8, spec.steps, "np")
+    check_guidance(spec.guidance)
+    if spec.checkpoint:
+        check_existing(spec.checkpoint, "checkpoint")
 
 
 def _log(args):
-    return (lambda s: None) if args.quiet else (lambda s: print(f"[sdxl-parity] {s}", file=sys.stderr))
+    if getattr(args, "quiet", False):
+        return lambda s: None
+    return lambda s: print(f"[sdxl-parity] {s}", file=sys.stderr)
+
+
+def _outputs(args) -> Path:
+    """Check the report folder and the JUnit path before any work; return the folder."""
+    out = check_output_dir(args.out, "report folder")
+    if args.junit_xml:
+        check_writable_file(args.junit_xml)
+    return out
+
+
+def _command(args) -> str:
+    return "sdxl-parity " + shlex.join(args.argv)
 
 
 def _finish(report, out: Path) -> int:
@@ -64,32 +80,63 @@ def _finish(report, out: Path) -> int:
     print(report.headline())
     print(summary_table(report))
     print(f"report: {out / 'index.html'}  ({out / 'report.json'}, {out / 'report.md'})")
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_run(args) -> int:
     from .policy import load_policy
+    from .reference import require_reference
     from .runner import run
 
+    require_reference("sdxl-parity run (it records the reference)")
     spec = _spec(args)
     _validate_spec(spec)
     policy = load_policy(args.policy)
-    out = Path(args.out)
-    report = run(spec, out, policy=policy, stages=_stages(args), fail_fast=args.fail_fast,
-                 junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args))
+    stages = _stages(args)
+    policy.check_covers(stages, spec.dtype)
+    out = _outputs(args)
+    report = run(spec, out, policy=policy, stages=stages, fail_fast=args.fail_fast,
+                 junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
+                 command=_command(args))
     return _finish(report, out)
 
 
 def cmd_record(args) -> int:
     from .record import record
+    from .recording import MANIFEST
+    from .reference import require_reference
     from .runner import resolve_checkpoint
 
+    require_reference("sdxl-parity record")
     spec = _spec(args)
     _validate_spec(spec)
+    out = check_output_dir(args.out, "recording folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(f"{out} exists and is not a recording; choose a new folder "
+                         "(an existing recording is replaced)")
     rec = record(spec, resolve_checkpoint(spec), progress=lambda w: _log(args)(f"reference: {w}"))
-    folder = rec.save(Path(args.out))
+    folder = rec.save(out)
     print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps) to {folder}")
-    return 0
+    return EXIT_OK
+
+
+def _check_golden_matches(rec, args) -> None:
+    """`--preset`, `--dtype` and the checkpoint's layout agree with what the golden recorded."""
+    recorded = rec.spec
+    for field in ("preset", "dtype"):
+        wanted = getattr(args, field)
+        if wanted is not None and wanted != getattr(recorded, field):
+            raise InputError(f"golden {rec.path} was recorded with {field} "
+                             f"{getattr(recorded, field)!r}, not {wanted!r}: record a golden "
+                             f"with --{field} {wanted}")
+    if args.checkpoint:
+        from sdxl_ms.weights.checkpoint import open_checkpoint
+        from sdxl_ms.weights.loader import infer_preset
+
+        found = infer_preset(open_checkpoint(check_existing(args.checkpoint, "checkpoint"))).name
+        if found != recorded.preset:
+            raise InputError(f"golden {rec.path} was recorded with preset {recorded.preset!r}, "
+                             f"but checkpoint {args.checkpoint} holds the {found!r} layout")
 
 
 def cmd_check(args) -> int:
@@ -97,13 +144,15 @@ def cmd_check(args) -> int:
     from .recording import Recording
     from .runner import check
 
-    rec = Recording.load(Path(args.golden))
-    if args.checkpoint and not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    out = Path(args.out)
-    report = check(rec, out, policy=load_policy(args.policy), checkpoint=args.checkpoint,
-                   stages=_stages(args), fail_fast=args.fail_fast,
-                   junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args))
+    rec = Recording.load(check_existing(args.golden, "golden recording"))
+    _check_golden_matches(rec, args)
+    policy = load_policy(args.policy)
+    stages = _stages(args)
+    policy.check_covers(stages, rec.spec.dtype)
+    out = _outputs(args)
+    report = check(rec, out, policy=policy, checkpoint=args.checkpoint, stages=stages,
+                   fail_fast=args.fail_fast, junit_xml=args.junit_xml and Path(args.junit_xml),
+                   log=_log(args), command=_command(args))
     return _finish(report, out)
 
 
@@ -113,10 +162,10 @@ def cmd_report(args) -> int:
     folder = Path(args.dir)
     src = folder / "report.json"
     if not src.is_file():
-        raise FileNotFoundError(f"no report.json in {folder}")
+        raise InputError(f"no report.json in {folder}")
     render_from_json(src, folder, junit_xml=args.junit_xml and Path(args.junit_xml))
     print(f"re-rendered {folder / 'report.md'} and {folder / 'index.html'}")
-    return 0
+    return EXIT_OK
 
 
 def _stages(args):
@@ -126,8 +175,9 @@ def _stages(args):
         return STAGES
     chosen = tuple(s for s in args.stages.split(",") if s)
     bad = [s for s in chosen if s not in STAGES]
-    if bad:
-        raise ValueError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    if bad or not chosen:
+        raise InputError(f"unknown stage(s) {', '.join(bad) or '(none given)'} in --stages; "
+                         f"valid choices: {', '.join(STAGES)}")
     return chosen
 
 
@@ -150,7 +200,11 @@ def _add_run_options(p, spec_options: bool = True) -> None:
         p.add_argument("--height", type=int, default=None)
         p.add_argument("--width", type=int, default=None)
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--quiet", action="store_true")
+    else:  # check: optional expectations on the golden
+        p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="fail unless the golden was recorded with this preset")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="fail unless the golden was recorded with this dtype")
 
 
 def _add_check_options(p) -> None:
@@ -158,19 +212,26 @@ def _add_check_options(p) -> None:
     p.add_argument("--policy", default=None, help="tolerance policy TOML (default: the packaged one)")
     p.add_argument("--junit-xml", default=None, help="also write a JUnit XML file for CI")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages")
-    p.add_argument("--fail-fast", action="store_true", help="skip the stages after the first failure")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="skip the stages after the first that fails or errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sdxl_ms.weights.checkpoint import FORMATS
     from sdxl_ms.weights.synthetic import DTYPES
 
-    p = argparse.ArgumentParser(prog="sdxl-parity",
-                                description="Stage-by-stage parity of the MindSpore SDXL port "
-                                            "against diffusers")
+    p = ArgumentParser(prog="sdxl-parity",
+                       description="Stage-by-stage parity of the MindSpore SDXL port against "
+                                   "diffusers. With no arguments: `sdxl-parity run`.",
+                       epilog="exit codes: 0 pass, 1 a stage failed or the port raised, 2 bad "
+                              "input, 3 internal error, 130 interrupted")
+    add_version(p)
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True)
+    common = [common_options()]
 
-    m = sub.add_parser("make-checkpoint", help="write seeded random weights in a real layout")
+    m = sub.add_parser("make-checkpoint", parents=common,
+                       help="write seeded random weights in a real layout")
     m.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="folder (diffusers) or .safetensors file (sgm)")
@@ -179,18 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace an existing output")
     m.set_defaults(func=cmd_make_checkpoint)
 
-    r = sub.add_parser("run", help="record the reference and check the port (the embedded "
-                                   "default: tiny preset, euler and euler_a)")
+    r = sub.add_parser("run", parents=common, help="record the reference and check the port "
+                                                   "(the embedded default: tiny preset, euler "
+                                                   "and euler_a)")
     _add_run_options(r)
     _add_check_options(r)
     r.set_defaults(func=cmd_run)
 
-    rec = sub.add_parser("record", help="run the reference and write a recording (needs torch)")
+    rec = sub.add_parser("record", parents=common,
+                         help="run the reference and write a recording (needs torch)")
     _add_run_options(rec)
     rec.add_argument("--out", required=True, help="recording folder")
     rec.set_defaults(func=cmd_record)
 
-    c = sub.add_parser("check", help="check the port against a recording (no torch needed)")
+    c = sub.add_parser("check", parents=common,
+                       help="check the port against a recording (no torch needed)")
     c.add_argument("--golden", required=True, help="recording folder (e.g. fixtures/golden/...)")
     c.add_argument("--checkpoint", default=None,
                    help="checkpoint (default: the one the recording names)")
@@ -198,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_options(c)
     c.set_defaults(func=cmd_check)
 
-    rp = sub.add_parser("report", help="re-render report.md and index.html from report.json")
+    rp = sub.add_parser("report", parents=common,
+                        help="re-render report.md and index.html from report.json")
     rp.add_argument("dir")
     rp.add_argument("--junit-xml", default=None)
     rp.set_defaults(func=cmd_report)
@@ -206,19 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from sdxl_ms.weights.safetensors_io import CheckpointError
-
-    from .policy import PolicyError  # noqa: F401  (a ValueError: reported below)
-    from .recording import RecordingError  # noqa: F401  (a ValueError)
-
-    args = build_parser().parse_args(["run"] if argv is None and len(sys.argv) == 1 else argv)
-    try:
-        return args.func(args)
-    except (CheckpointError, FileExistsError, ValueError, OSError) as e:
-        print(f"sdxl-parity: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    if argv is None:
+        argv = sys.argv[1:] or ["run"]
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)
+    return run_command("sdxl-parity", args.func, args)
 
 
 if __name__ == "__main__":

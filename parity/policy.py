@@ -36,6 +36,8 @@ try:
 except ModuleNotFoundError:  # Python < 3.11: the same parser, published as tomli
     import tomli as tomllib
 
+from sdxl_ms.errors import InputError
+
 from parity.metrics import METRIC_DIRECTIONS, TensorMetrics, format_bound, format_value
 from parity.results import STAGES, StageResult, TensorResult, Verdict
 
@@ -49,7 +51,7 @@ TORCH_TOLERANCES: Dict[str, Tuple[float, float]] = {
     "float32": (1.3e-6, 1e-5), "float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5)}
 
 
-class PolicyError(ValueError):
+class PolicyError(InputError):
     """A malformed policy file, or a judgement the policy cannot make."""
 
 
@@ -113,6 +115,16 @@ class Policy:
             raise PolicyError(f"policy '{self.name}' has no bounds for stage {stage!r} with "
                               f"dtype {dtype!r} (it covers: {', '.join(self.stages[stage])})")
         return self.stages[stage][dtype]
+
+    def check_covers(self, stages: Iterable[str], dtype: str) -> None:
+        """Bounds exist for every stage to run at `dtype` (the conditioner judges its zeroed
+        negatives with the tokens bounds); a `PolicyError` before any work otherwise."""
+        stages = set(stages)
+        if "conditioner" in stages:
+            stages.add("tokens")
+        for stage in STAGES:
+            if stage in stages:
+                self._get(stage, dtype)
 
     def tolerances(self, stage: str, dtype: str) -> Dict[str, float]:
         """`{"rtol": ..., "atol": ...}` to pass to `parity.metrics.compare` for this stage."""

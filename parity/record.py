@@ -11,6 +11,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from sdxl_ms.progress import bar as progress_bar
+
 from .recording import Recording, RunSpec
 
 # schedulers whose latents live in another parametrisation than the port's variance-exploding x
@@ -70,6 +72,9 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
 
     shape = (1, 4, height // ref.pipe.vae_scale_factor, width // ref.pipe.vae_scale_factor)
     schedules = {}
+    # diffusers' Heun runs 2n-1 scheduler steps (see full_step_latents)
+    bar = progress_bar(total=sum(2 * spec.steps - 1 if s == "heun" else spec.steps
+                                 for s in spec.samplers), desc="reference: sampling", unit="step")
     for index, sampler in enumerate(spec.samplers):
         tick(f"sampling with {sampler}")
         noise = noise_for(spec, index, shape)
@@ -83,6 +88,7 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
 
         def on_step(pipe, i, t, kwargs):
             step_latents.append(ref._np(kwargs["latents"]))
+            bar.update(1)
             return kwargs
 
         handle = ref.pipe.unet.register_forward_hook(hook, with_kwargs=True)
@@ -110,6 +116,7 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
                               "timesteps": [c[1] for c in calls],
                               "sigmas": [float(s) for s in sigmas]}
 
+    bar.close()
     tick("decode probe")
     probe = (0.1 * ref.pipe.vae.config.scaling_factor
              * np.random.default_rng([spec.seed, 99]).standard_normal(shape, dtype=np.float32))

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from sdxl_ms.atomic import atomic_dir, default_file_mode
+from sdxl_ms.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
@@ -31,7 +35,7 @@ DEFAULT_PROMPT = "a lighthouse on a rocky coast at dusk, volumetric light, highl
 DEFAULT_COND_NEGATIVE = "blurry, low quality, watermark"
 
 
-class RecordingError(ValueError):
+class RecordingError(InputError):
     """A recording folder that is missing, incomplete, corrupt or of another schema."""
 
 
@@ -92,24 +96,27 @@ class Recording:
         return sum(1 for k in self.tensors if k.startswith(f"{sampler}/call") and k.endswith("/eps"))
 
     def save(self, folder: Path) -> Path:
-        from sdxl_ms.weights.safetensors_io import atomic_path
         from safetensors.numpy import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / TENSORS) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(tmp))
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "spec": asdict(self.spec),
-            "schedules": self.schedules,
-            "meta": self.meta,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                        for k, v in sorted(self.tensors.items())},
-            "tensors_sha256": _sha256(folder / TENSORS),
-        }
-        with atomic_path(folder / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if folder.exists() and not (folder / MANIFEST).is_file() and (
+                not folder.is_dir() or any(folder.iterdir())):
+            raise RecordingError(f"{folder} exists and is not a recording; choose a new folder "
+                                 "(an existing recording is replaced)")
+        with atomic_dir(folder, replace=True) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()},
+                      str(tmp / TENSORS))
+            os.chmod(tmp / TENSORS, default_file_mode())  # safetensors creates it 0600
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "spec": asdict(self.spec),
+                "schedules": self.schedules,
+                "meta": self.meta,
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                            for k, v in sorted(self.tensors.items())},
+                "tensors_sha256": _sha256(tmp / TENSORS),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self.path = folder
         return folder
 
@@ -125,13 +132,19 @@ class Recording:
         except json.JSONDecodeError as e:
             raise RecordingError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise RecordingError(f"{folder}: recording schema {manifest.get('schema_version')!r}, "
-                                 f"this tool reads {SCHEMA_VERSION}")
+            raise RecordingError(f"{folder} has schema_version {manifest.get('schema_version')!r}; "
+                                 f"this tool reads {SCHEMA_VERSION}: re-record it with this "
+                                 "version (sdxl-parity record)")
         if not (folder / TENSORS).is_file():
             raise RecordingError(f"{folder} has no {TENSORS}")
         if _sha256(folder / TENSORS) != manifest.get("tensors_sha256"):
-            raise RecordingError(f"{folder / TENSORS} does not match the manifest's sha256 "
-                                 "(modified or truncated)")
+            try:
+                load_file(str(folder / TENSORS))
+            except Exception as e:  # safetensors' own error types
+                raise RecordingError(f"{folder / TENSORS} is truncated or corrupt ({e}); "
+                                     "copy the recording again or re-record it") from None
+            raise RecordingError(f"{folder / TENSORS} does not match the sha256 in its "
+                                 "manifest: it was modified after recording; re-record it")
         tensors = load_file(str(folder / TENSORS))
         return cls(spec=RunSpec.from_dict(manifest["spec"]), tensors=tensors,
                    schedules=manifest.get("schedules", {}), meta=manifest.get("meta", {}),

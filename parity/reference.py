@@ -13,20 +13,36 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from sdxl_ms.errors import MissingExtraError
+
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def require_reference(what: str = "the reference (diffusers)") -> None:
+    """A `MissingExtraError` (exit 2) naming the extra to install when torch or diffusers
+    cannot be imported; cheap (nothing is imported)."""
+    import importlib.util
+
+    for name in ("torch", "diffusers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: blocked via sys.modules[name] = None
+            found = False
+        if not found:
+            raise MissingExtraError(what, "reference", "torch and diffusers")
 
 
 def _torch():
     try:
         import torch
-    except ImportError:  # pragma: no cover - exercised only without the `reference` extra
-        raise RuntimeError("the reference needs torch and diffusers: "
-                           "pip install 'sdxl-parity[reference]'") from None
+    except ImportError:
+        raise MissingExtraError("the reference (diffusers)", "reference",
+                                "torch and diffusers") from None
     return torch
 
 
 def configure_torch_determinism(torch) -> None:
-    """fp32 goldens on NVIDIA GPUs need TF32 off (GUIDE section 3)."""
+    """fp32 goldens on NVIDIA GPUs need TF32 off (docs/porting-notes.md, section 4)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -185,7 +201,8 @@ class shared_step_noise:
     """Make a diffusers scheduler draw its per-step noise from given arrays, in order.
 
     Ancestral schedulers call `randn_tensor` from their own module; no torch generator agrees
-    with numpy's, so parity runs feed both sides the same arrays (GUIDE section 2).
+    with numpy's, so parity runs feed both sides the same arrays (docs/porting-notes.md,
+    section 2).
     """
 
     def __init__(self, scheduler, arrays: Optional[Sequence[np.ndarray]], device: str = "cpu"):

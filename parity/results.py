@@ -28,20 +28,22 @@ Metrics = Union[TensorMetrics, ExactMetrics, ImageMetrics]
 
 class Verdict(str, Enum):
     """Outcome of a judgement. `SKIP` marks a stage that was not compared; it never makes a
-    report worse, but a report where nothing ran is SKIP, not PASS."""
+    report worse, but a report where nothing ran is SKIP, not PASS. `ERROR` marks a stage in
+    which the port raised: nothing could be compared, and the port is broken."""
 
     PASS = "pass"
     WARN = "warn"
     FAIL = "fail"
+    ERROR = "error"
     SKIP = "skip"
 
     @property
     def rank(self) -> int:
-        return {"skip": -1, "pass": 0, "warn": 1, "fail": 2}[self.value]
+        return {"skip": -1, "pass": 0, "warn": 1, "fail": 2, "error": 3}[self.value]
 
     @staticmethod
     def worst(verdicts: Iterable["Verdict"]) -> "Verdict":
-        """Worst of `verdicts` (FAIL > WARN > PASS > SKIP); SKIP for an empty input."""
+        """Worst of `verdicts` (ERROR > FAIL > WARN > PASS > SKIP); SKIP for an empty input."""
         out = Verdict.SKIP
         for v in verdicts:
             v = Verdict(v)
@@ -111,6 +113,8 @@ class StageResult:
     notes: List[str] = field(default_factory=list)
     first_failure: Optional[Tuple[str, Optional[int]]] = None
     limits: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    error: Optional[str] = None  # ERROR stages: the exception, "RuntimeError: message"
+    traceback: Optional[str] = None  # ERROR stages: the port's traceback (report.json only)
 
     @classmethod
     def build(cls, name: str, tensors: Iterable[TensorResult], *,
@@ -135,6 +139,17 @@ class StageResult:
     def skipped(cls, name: str, why: str) -> "StageResult":
         """A stage that was not compared, with the reason as its note."""
         return cls(name=name, verdict=Verdict.SKIP, notes=[why])
+
+    @classmethod
+    def errored(cls, name: str, exc: BaseException) -> "StageResult":
+        """A stage in which the port raised `exc`."""
+        import traceback
+
+        text = " ".join(str(exc).split())
+        return cls(name=name, verdict=Verdict.ERROR,
+                   error=f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
+                   traceback="".join(traceback.format_exception(type(exc), exc,
+                                                                exc.__traceback__)))
 
     def first_tensor(self, verdict: Verdict) -> Optional[TensorResult]:
         """Earliest-step tensor with exactly `verdict` (recording order breaks ties)."""
@@ -180,6 +195,8 @@ class StageResult:
                        for k, v in self.limits.items()},
             "per_step": {k: [encode_float(x) for x in v] for k, v in self.per_step.items()},
             "tensors": [t.to_dict() for t in self.tensors],
+            "error": self.error,
+            "traceback": self.traceback,
         }
 
     @classmethod
@@ -193,7 +210,8 @@ class StageResult:
             first_failure=None if ff is None else (
                 ff["tensor"], None if ff.get("step") is None else int(ff["step"])),
             limits={k: {b: decode_float(x) for b, x in v.items()}
-                    for k, v in d.get("limits", {}).items()})
+                    for k, v in d.get("limits", {}).items()},
+            error=d.get("error"), traceback=d.get("traceback"))
 
 
 def _nan_high(v: float) -> float:
@@ -264,6 +282,10 @@ class ParityReport:
             s.name for s in stages if s.verdict == Verdict.SKIP]
         not_run = [n for n in ordered_stage_names(not_run)]
         tail = f"; not run: {', '.join(not_run)}" if not_run else ""
+        if self.verdict == Verdict.ERROR:
+            stage = next(s for s in ran if s.verdict == Verdict.ERROR)
+            return (f"ERROR at stage '{stage.name}': the port raised {stage.error} "
+                    "(traceback in report.json)")
         if self.verdict == Verdict.FAIL:
             stage = next(s for s in ran if s.verdict == Verdict.FAIL)
             t = stage.find(*stage.first_failure) if stage.first_failure else None

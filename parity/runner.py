@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
+from sdxl_ms.progress import bar as progress_bar
+
 from .policy import Policy, load_policy
 from .recording import Recording, RecordingError, RunSpec
+from .guard import PortError, PortGuard
 from .results import ParityReport, StageResult, Verdict
 from .stages import STAGE_FUNCTIONS, STAGES, StageContext
 
@@ -35,7 +38,8 @@ def resolve_checkpoint(spec: RunSpec, override: Optional[str] = None,
 def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, port=None,
           checkpoint: Optional[str] = None, stages: Sequence[str] = STAGES,
           fail_fast: bool = False, junit_xml: Optional[Path] = None,
-          log: Callable[[str], None] = lambda s: None) -> ParityReport:
+          log: Callable[[str], None] = lambda s: None,
+          command: Optional[str] = None) -> ParityReport:
     from sdxl_ms import load_pipeline
 
     from .reports import write_reports
@@ -46,35 +50,43 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     ckpt = resolve_checkpoint(spec, checkpoint, rec.meta.get("checkpoint_generator_version"))
+    policy.check_covers([s for s in stages], spec.dtype)
     if port is None:
         log(f"loading the port from {ckpt}")
         port = load_pipeline(ckpt, dtype=spec.dtype)
     out_dir = Path(out_dir)
-    ctx = StageContext(port=port, rec=rec, policy=policy, out_dir=out_dir, dtype=spec.dtype)
+    ctx = StageContext(port=PortGuard(port), rec=rec, policy=policy, out_dir=out_dir,
+                       dtype=spec.dtype)
     results: Dict[str, StageResult] = {}
     timings: Dict[str, float] = {}
     failed = None
-    for name in STAGES:
-        if name not in stages:
-            results[name] = StageResult.skipped(name, "not selected (--stages)")
-            continue
-        if failed and fail_fast:
-            results[name] = StageResult.skipped(name, f"not run: stage '{failed}' failed (--fail-fast)")
-            continue
-        log(f"stage {name}")
-        start = time.perf_counter()
-        try:
-            results[name] = STAGE_FUNCTIONS[name](ctx)
-        except Exception as e:  # a stage that crashes is a failed stage, reported as such
-            results[name] = StageResult.build(name, [], verdict=Verdict.FAIL,
-                                              notes=[f"{type(e).__name__}: {e}"])
-        timings[name] = round(time.perf_counter() - start, 3)
-        if results[name].verdict == Verdict.FAIL and failed is None:
-            failed = name
+    chosen = [name for name in STAGES if name in stages]
+    with progress_bar(total=len(chosen), desc="port: stages", unit="stage") as bar:
+        for name in STAGES:
+            if name not in stages:
+                results[name] = StageResult.skipped(name, "not selected (--stages)")
+                continue
+            if failed and fail_fast:
+                results[name] = StageResult.skipped(
+                    name, f"not run: stage '{failed}' did not pass (--fail-fast)")
+                continue
+            log(f"stage {name}")
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            try:
+                results[name] = STAGE_FUNCTIONS[name](ctx)
+            except PortError as e:  # the port raised: nothing to compare, the port is broken
+                results[name] = StageResult.errored(name, e.original)
+            timings[name] = round(time.perf_counter() - start, 3)
+            bar.update(1)
+            if results[name].verdict in (Verdict.FAIL, Verdict.ERROR) and failed is None:
+                failed = name
     meta = {
-        "spec": _spec_dict(spec), "policy": policy.name, "dtype": spec.dtype,
-        "checkpoint": str(ckpt), "recording": str(rec.path) if rec.path else None,
-        "reference": rec.meta.get("reference", {}), "port": port_versions(),
+        "command": command or command_line(), "spec": _spec_dict(spec), "policy": policy.name,
+        "policy_source": policy.source, "dtype": spec.dtype, "checkpoint": str(ckpt),
+        "recording": str(rec.path) if rec.path else None,
+        "reference": rec.meta.get("reference", {}), "port": port_description(port),
+        "execution": execution_summary(),
         "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
         "stage_seconds": timings,
     }
@@ -85,26 +97,46 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
 
 def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         stages: Sequence[str] = STAGES, fail_fast: bool = False,
-        junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None) -> ParityReport:
+        junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
+        command: Optional[str] = None) -> ParityReport:
     from .record import record
 
+    policy = policy or load_policy()
+    policy.check_covers(stages, spec.dtype)  # a policy that cannot judge fails before any work
     ckpt = resolve_checkpoint(spec)
     log(f"recording the reference (diffusers) on {ckpt}")
     rec = record(spec, ckpt, progress=lambda what: log(f"reference: {what}"))
     rec.save(Path(out_dir) / "recording")
     return check(rec, out_dir, policy=policy, checkpoint=str(ckpt), stages=stages,
-                 fail_fast=fail_fast, junit_xml=junit_xml, log=log)
+                 fail_fast=fail_fast, junit_xml=junit_xml, log=log, command=command)
 
 
-def port_versions() -> Dict[str, str]:
+def port_description(port) -> Dict[str, str]:
+    """Which port was checked (its class and module) and the versions it ran with."""
     import mindspore
     import numpy
 
     import sdxl_ms
 
-    return {"sdxl_ms": sdxl_ms.__version__, "mindspore": mindspore.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(),
-            "device_target": mindspore.get_context("device_target")}
+    cls = type(port)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "sdxl_ms": sdxl_ms.__version__,
+            "mindspore": mindspore.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def execution_summary() -> Dict:
+    """The port's device target and execution mode as resolved (graph mode, conv, threads)."""
+    from sdxl_ms.backend import execution_summary as summary
+
+    return summary()
+
+
+def command_line() -> str:
+    """The command as the user typed it (program name and quoted arguments)."""
+    import shlex
+    import sys
+
+    return " ".join([Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def _spec_dict(spec: RunSpec) -> Dict:

@@ -15,6 +15,8 @@ import os
 
 import mindspore as ms
 
+from .errors import InputError
+
 _CHOICES = ("auto", "native", "im2col")
 _runtime_ready = False
 
@@ -22,7 +24,7 @@ _runtime_ready = False
 def conv_impl() -> str:
     choice = os.environ.get("SDXL_MS_CONV", "auto").lower()
     if choice not in _CHOICES:
-        raise ValueError(f"SDXL_MS_CONV must be one of {', '.join(_CHOICES)}, got {choice!r}")
+        raise InputError(f"SDXL_MS_CONV must be one of {', '.join(_CHOICES)}, got {choice!r}")
     return "native" if choice == "auto" else choice
 
 
@@ -35,7 +37,7 @@ def cpu_threads() -> int:
     env = os.environ.get("SDXL_MS_THREADS")
     if env:
         if not env.strip().isdigit():
-            raise ValueError(f"SDXL_MS_THREADS must be a whole number of threads, got {env!r}")
+            raise InputError(f"SDXL_MS_THREADS must be a whole number of threads, got {env!r}")
         return max(1, int(env))
     try:
         return len(os.sched_getaffinity(0))
@@ -62,6 +64,16 @@ def init_runtime() -> None:
     _runtime_ready = True
 
 
+def execution_summary() -> dict:
+    """What this process runs on and how, as resolved (for reports): MindSpore's device
+    target, the graph mode, the convolution path and the CPU kernel threads."""
+    threads = None
+    if is_cpu():
+        threads = "mindspore default" if os.environ.get("SDXL_MS_THREADS") == "0" else cpu_threads()
+    return {"device_target": ms.get_context("device_target"), "jit": jit_mode(),
+            "conv": conv_impl(), "threads": threads}
+
+
 JIT_MODES = ("off", "blocks", "model")
 _jit_mode = None  # None: read SDXL_MS_JIT on first use
 _graphs = {}
@@ -81,7 +93,7 @@ def _mode_from_env() -> str:
     try:
         return _parse_mode(os.environ.get("SDXL_MS_JIT", "off"))
     except ValueError as err:
-        raise ValueError(f"SDXL_MS_JIT: {err}") from None
+        raise InputError(f"SDXL_MS_JIT: {err}") from None
 
 
 def jit_enabled() -> bool:
@@ -116,7 +128,7 @@ def _parse_mode(mode) -> str:
     name = {"0": "off", "false": "off", "no": "off", "": "off", "1": "blocks", "true": "blocks",
             "yes": "blocks", "on": "blocks"}.get(name, name)
     if name not in JIT_MODES:
-        raise ValueError(f"jit mode must be one of {', '.join(JIT_MODES)}, got {mode!r}")
+        raise InputError(f"jit mode must be one of {', '.join(JIT_MODES)}, got {mode!r}")
     return name
 
 

@@ -1,6 +1,7 @@
 """`sdxl-ms`: the port's command line (keys, inspect, generate).
 
-Bad input ends with one line on stderr naming the problem and exit code 2.
+Exit codes as in `sdxl_ms.errors`: bad input ends with one line on stderr naming the problem
+and exit code 2, an internal error with exit code 3.
 """
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .cli_common import (ArgumentParser, add_global_options, add_version, common_options,
+                         run_command)
 from .config import PRESETS
-
-
-class UsageError(ValueError):
-    """Bad input from the command line: reported in one line, exit code 2."""
-
 
 def format_layout(layout) -> str:
     return "".join(f"{name}:{tuple(shape)}\n" for name, shape in layout.items())
@@ -60,35 +58,32 @@ def _numel(shape) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .weights.checkpoint import FORMATS
 
-    p = argparse.ArgumentParser(prog="sdxl-ms", description="MindSpore SDXL port")
+    p = ArgumentParser(prog="sdxl-ms", description="MindSpore SDXL port",
+                       epilog="exit codes: 0 done, 2 bad input, 3 internal error, 130 interrupted "
+                              "(inspect: 1 when the checkpoint matches no preset)")
+    add_version(p)
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True)
+    common = common_options(quiet=False)
 
-    k = sub.add_parser("keys", help="print the checkpoint layout the port expects")
+    k = sub.add_parser("keys", parents=[common], help="print the checkpoint layout the port expects")
     k.add_argument("--preset", choices=sorted(PRESETS), default="sdxl-base")
     k.add_argument("--format", choices=FORMATS, default="sgm")
     k.set_defaults(func=cmd_keys)
 
-    i = sub.add_parser("inspect", help="say which format a checkpoint is and how it differs "
+    i = sub.add_parser("inspect", parents=[common], help="say which format a checkpoint is and how it differs "
                                        "from the expected layout (exit 1 when it matches no preset)")
     i.add_argument("path")
     i.set_defaults(func=cmd_inspect)
 
     from .generate_cli import add_generate_parser
-    add_generate_parser(sub)
+    add_generate_parser(sub, [common_options()])
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .weights.safetensors_io import CheckpointError
-
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (UsageError, CheckpointError, FileExistsError, ValueError, OSError) as e:
-        print(f"sdxl-ms: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("sdxl-ms", args.func, args)
 
 
 if __name__ == "__main__":

@@ -7,21 +7,25 @@ nothing time-dependent, so the same arguments give byte-identical files.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import List
+
+from .errors import InputError
 
 DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
 
-def add_generate_parser(sub) -> None:
+def add_generate_parser(sub, parents=()) -> None:
     from .sampling import SAMPLERS
     from .sampling.discretization import SCHEDULES
 
-    g = sub.add_parser("generate", help="generate PNG images from a prompt")
+    g = sub.add_parser("generate", parents=list(parents),
+                       help="generate PNG images from a prompt")
     g.add_argument("--checkpoint", help="diffusers folder or sgm .safetensors file "
                                         "(default: a cached seeded tiny checkpoint)")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
+    g.add_argument("--prompt-file", default=None,
+                   help="UTF-8 text file, one prompt per line (blank lines skipped)")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
@@ -33,7 +37,6 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--out", default="sdxl.png", help="a .png file, or a folder for several images")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
 
@@ -46,36 +49,26 @@ def output_paths(out: str, count: int, seed: int) -> List[Path]:
     return [out_path / f"sdxl-seed{seed}-{i}.png" for i in range(count)]
 
 
-def _check_writable(paths: List[Path]) -> None:
-    for p in paths:
-        parent = p.parent
-        while not parent.exists():  # folders we would create
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise PermissionError(f"cannot write {p}: {parent} is not a writable folder")
-        if p.is_dir():
-            raise IsADirectoryError(f"cannot write {p}: it is a folder")
+def validate(args) -> List[str]:
+    """Check every argument before anything loads; returns the prompts to generate."""
+    from .pipeline import check_generation_args, check_guidance
+    from .sampling import check_sampler
+    from .validate import check_existing, check_writable_file, read_prompt_file
 
-
-def validate(args) -> None:
-    from .pipeline import check_generation_args
-    from .sampling import SAMPLERS
-    from .sampling.discretization import SCHEDULES
-
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if args.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_sampler(args.sampler, args.schedule)
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None:
-            check_generation_args(value, value, 1, "np")
-    check_generation_args(8, 8, args.steps, "np")
-    if args.checkpoint is not None and not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    _check_writable(output_paths(args.out, args.num_images, args.seed))
+        raise InputError(f"--num-images must be >= 1, got {args.num_images}")
+    check_generation_args(args.height or 8, args.width or 8, args.steps, "np")
+    check_guidance(args.guidance)
+    if args.prompt is not None and args.prompt_file is not None:
+        raise InputError("give --prompt or --prompt-file, not both")
+    prompts = (read_prompt_file(args.prompt_file) if args.prompt_file
+               else [args.prompt or DEFAULT_PROMPT])
+    if args.checkpoint is not None:
+        check_existing(args.checkpoint, "checkpoint")
+    for path in output_paths(args.out, args.num_images * len(prompts), args.seed):
+        check_writable_file(path, "image")
+    return prompts
 
 
 def png_bytes(image, text: dict) -> bytes:
@@ -92,25 +85,22 @@ def png_bytes(image, text: dict) -> bytes:
 
 
 def cmd_generate(args) -> int:
+    from .atomic import atomic_write_bytes
     from .pipeline import load_pipeline, to_uint8
-    from .weights.safetensors_io import atomic_path
     from .weights.synthetic import cached_checkpoint
 
-    validate(args)
+    prompts = [p for p in validate(args) for _ in range(args.num_images)]
     checkpoint = args.checkpoint or cached_checkpoint("tiny", seed=0)
     pipe = load_pipeline(checkpoint, dtype=args.dtype)
-    images = pipe([args.prompt] * args.num_images, args.negative_prompt, height=args.height,
-                  width=args.width, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, sampler=args.sampler, schedule=args.schedule,
-                  seed=args.seed, progress=not args.quiet)
-    text = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
-            "seed": args.seed, "sampler": args.sampler, "schedule": args.schedule,
-            "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
+    images = pipe(prompts, args.negative_prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  sampler=args.sampler, schedule=args.schedule, seed=args.seed)
+    text = {"negative_prompt": args.negative_prompt or "", "seed": args.seed,
+            "sampler": args.sampler, "schedule": args.schedule, "steps": args.steps,
+            "guidance": args.guidance, "dtype": args.dtype,
             "checkpoint": Path(checkpoint).name, "generator": "sdxl-ms"}
-    for i, (path, image) in enumerate(zip(output_paths(args.out, args.num_images, args.seed),
-                                          to_uint8(images))):
-        data = png_bytes(image, {**text, "index": i})
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
+    paths = output_paths(args.out, len(prompts), args.seed)
+    for i, (path, prompt, image) in enumerate(zip(paths, prompts, to_uint8(images))):
+        atomic_write_bytes(path, png_bytes(image, {"prompt": prompt, **text, "index": i}))
         print(f"wrote {path}")
     return 0

@@ -14,6 +14,9 @@ from mindspore import Tensor
 
 from .backend import init_runtime
 from .config import SDXLConfig, get_preset
+from .errors import InputError
+from .progress import bar as progress_bar
+from .validate import check_choice, check_finite_number
 from .models.sdxl import SDXL, build_sdxl
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -21,10 +24,7 @@ DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 def resolve_dtype(dtype: Union[str, "ms.dtype"]):
     if isinstance(dtype, str):
-        try:
-            return DTYPES[dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+        return DTYPES[check_choice(dtype, tuple(DTYPES), "dtype")]
     return dtype
 
 
@@ -127,6 +127,7 @@ class SDXLPipeline:
         width = self.cfg.default_size if width is None else int(width)
         check_generation_args(height, width, num_inference_steps, output_type,
                               self.vae_scale_factor)
+        check_guidance(guidance_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         plan = make_sampler(sampler, int(num_inference_steps), schedule, **(sampler_options or {}))
         shape = (len(prompts), self.cfg.unet.in_channels,
@@ -153,7 +154,8 @@ class SDXLPipeline:
 
         denoise = GuidedDenoiser(network, Denoiser.for_schedule(plan.schedule), guider,
                                  cond=cond, uncond=uncond if do_cfg else None)
-        bar = _progress(plan.schedule.num_steps, progress)
+        bar = progress_bar(total=plan.schedule.num_steps, desc="sampling", unit="step",
+                           show=progress)
 
         def on_step(i, x, denoised):
             bar.update(1)
@@ -176,13 +178,18 @@ OUTPUT_TYPES = ("np", "pil", "latent")
 
 def check_generation_args(height: int, width: int, steps: int, output_type: str,
                           factor: int = 8) -> None:
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise ValueError(f"height and width must be positive multiples of {factor}, "
-                         f"got {height}x{width}")
+    """Size, step count and output type a generation can use (`InputError` otherwise)."""
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % factor:
+            raise InputError(f"{name} must be a positive multiple of {factor}, got {size}")
     if int(steps) < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+        raise InputError(f"steps must be >= 1, got {steps}")
+    check_choice(output_type, OUTPUT_TYPES, "output_type")
+
+
+def check_guidance(scale: float) -> float:
+    """A classifier-free guidance scale: finite and >= 0 (<= 1 runs the conditional pass alone)."""
+    return check_finite_number(scale, "guidance", minimum=0.0)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -209,12 +216,6 @@ class _WithInitial:
 
     def step(self, index, shape):
         return self._rest.step(index, shape)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled, leave=False)
 
 
 def load_pipeline(path: Union[str, Path], dtype: str = "float32") -> SDXLPipeline:

@@ -15,14 +15,15 @@ import functools
 import gzip
 import hashlib
 import json
-import os
-import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .atomic import atomic_dir
+from .errors import InputWarning
 from .paths import cache_dir
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
@@ -86,29 +87,23 @@ def write_tokenizer_files(folder, pad_token: str) -> None:
 
 
 def tokenizer_dir(pad_token: str) -> Path:
-    """A complete tokenizer folder for `pad_token`, written once into the cache, atomically.
-
-    The files are written to a private temporary folder that is then renamed into place, so a
-    concurrent or interrupted writer never leaves a half-written folder behind.
-    """
+    """A complete tokenizer folder for `pad_token`, written once into the cache, atomically
+    (a concurrent or interrupted writer never leaves a half-written folder behind)."""
     digest = hashlib.sha1(pad_token.encode("utf-8")).hexdigest()[:8]
     name = f"{_NAMES.get(pad_token, 'pad-' + digest)}-v{_FORMAT_VERSION}"
-    root = cache_dir() / "tokenizers"
-    final = root / name
+    final = cache_dir() / "tokenizers" / name
     if (final / "tokenizer_config.json").is_file():
         return final
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    except OSError:  # read-only home: fall back to a per-process folder
+        with atomic_dir(final) as tmp:
+            write_tokenizer_files(tmp, pad_token)
+    except OSError:
+        if (final / "tokenizer_config.json").is_file():  # another process won the race
+            return final
+        # a read-only cache: fall back to a per-process folder
         tmp = Path(tempfile.mkdtemp(prefix=f"sdxl_ms-{name}-"))
         write_tokenizer_files(tmp, pad_token)
         return tmp
-    write_tokenizer_files(tmp, pad_token)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process won the race; its folder is complete
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -125,6 +120,16 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     EOS kept as the last token (what diffusers' `encode_prompt` feeds the encoders)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    out = tokenizer(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
+    prompts = list(prompts)
+    for prompt, ids in zip(prompts, tokenizer(prompts, truncation=False, verbose=False)["input_ids"]):
+        if len(ids) > MAX_LENGTH:
+            warnings.warn(f"prompt {_preview(prompt)} is {len(ids)} tokens; the text encoders "
+                          f"read {MAX_LENGTH} (with start and end), the rest is dropped",
+                          InputWarning, stacklevel=2)
+    out = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                     return_tensors="np")
     return np.asarray(out["input_ids"], dtype=np.int64)
+
+
+def _preview(prompt: str, width: int = 40) -> str:
+    return repr(prompt if len(prompt) <= width else prompt[:width - 3] + "...")

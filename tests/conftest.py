@@ -1,15 +1,15 @@
 """Shared fixtures: seeded tiny checkpoints (made once per session, torch-free) and helpers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest
 
-# ../shared beside the checkout (as CI lays it out); SDXL_SHARED_DIR overrides
-SHARED_DIR = Path(os.environ.get("SDXL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-SHARED_KEYS = SHARED_DIR / "reference" / "sgm_sdxl_base_1.0_keys.txt"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# names and shapes of the public sd_xl_base_1.0.safetensors, committed with the repo
+REFERENCE_KEYS = REPO_ROOT / "fixtures" / "reference" / "sgm_sdxl_base_1.0_keys.txt"
 
 
 def rel_l2(port, ref) -> float:
@@ -18,13 +18,16 @@ def rel_l2(port, ref) -> float:
     return float(np.linalg.norm(port - ref) / np.linalg.norm(ref))
 
 
-def read_shared_keys():
-    """{name: shape} from the public checkpoint's key list in ../shared/reference."""
+def read_reference_keys(prefix: str = "") -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of the public SDXL-base-1.0 checkpoint, in its file order; only the names
+    starting with `prefix` when one is given."""
     out = {}
-    for line in SHARED_KEYS.read_text().splitlines():
+    for line in REFERENCE_KEYS.read_text().splitlines():
         if not line or line.startswith("#"):
             continue
         name, _, shape = line.partition(":")
+        if not name.startswith(prefix):
+            continue
         out[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return out
 

@@ -5,14 +5,14 @@ rules, so a wrong rule shows up as a numeric mismatch as well as in the name/sha
 """
 from __future__ import annotations
 
-import ast
-
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from mindspore import Tensor
 from mindspore.nn.utils import no_init_parameters
+
+from conftest import read_reference_keys
 
 from sdxl_ms.config import SDXL_BASE, TINY
 from sdxl_ms.models.autoencoder import AutoencoderKL
@@ -23,7 +23,6 @@ from sdxl_ms.weights.keymap_vae import vae_rules
 from sdxl_ms.weights.state import layout, named_parameters, randomize
 
 PREFIX = "first_stage_model."
-KEYS_FILE = "/work/shared/reference/sgm_sdxl_base_1.0_keys.txt"
 TOL = 1e-5
 
 
@@ -87,12 +86,7 @@ def test_rules_map_port_layout_onto_diffusers_layout(cfg):
 
 
 def test_sdxl_base_layout_equals_checkpoint_keys():
-    expected = {}
-    with open(KEYS_FILE) as f:
-        for line in f:
-            if line.startswith(PREFIX):
-                name, shape = line.strip().split(":", 1)
-                expected[name] = tuple(ast.literal_eval(shape))
+    expected = read_reference_keys(PREFIX)
     with no_init_parameters():
         port = AutoencoderKL(SDXL_BASE.vae)
     got = layout(port, PREFIX)

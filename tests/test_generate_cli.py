@@ -37,8 +37,8 @@ def test_several_images_into_a_folder(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--height", "60"], "multiples of 8"),
-    (["--width", "100"], "multiples of 8"),
+    (["--height", "60"], "multiple of 8"),
+    (["--width", "100"], "multiple of 8"),
     (["--steps", "0"], "must be >= 1"),
     (["--sampler", "ddim"], "unknown sampler 'ddim'"),
     (["--schedule", "cosine"], "unknown schedule 'cosine'"),
@@ -57,5 +57,5 @@ def test_unwritable_output_path(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main(["generate", "--out", str(blocker / "x.png"), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "not a writable folder" in err
+    assert "is a file, not a folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -10,6 +10,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from conftest import read_reference_keys
 from sdxl_ms.config import SDXL_BASE, TINY
 from sdxl_ms.models.conditioner import GeneralConditioner
 from sdxl_ms.tokenizer import load_tokenizer, tokenize
@@ -22,7 +23,6 @@ from sdxl_ms.weights.state import layout, named_parameters, randomize
 
 TOL = 1e-5
 PROMPTS = ["Astronaut in a jungle, cold color palette, muted colors, detailed, 8k", ""]
-REFERENCE_KEYS = "/work/shared/reference/sgm_sdxl_base_1.0_keys.txt"
 # which -> (embedder index, attribute holding the tower, transformers class, key rules)
 ENCODERS = {
     "clip_l": (0, "transformer", CLIPTextModel, clip_l_rules),
@@ -180,12 +180,7 @@ def test_rules_cover_port_and_transformers_exactly(preset, which):
 
 def test_sdxl_base_layout_equals_reference_checkpoint():
     full, _ = port_layouts(SDXL_BASE.conditioner)
-    reference = []
-    with open(REFERENCE_KEYS) as f:
-        for line in f:
-            if line.startswith("conditioner."):
-                name, shape = line.strip().split(":")
-                reference.append((name, tuple(int(s) for s in shape.strip("()").split(",") if s)))
+    reference = list(read_reference_keys("conditioner.").items())
     assert len(reference) == 586
     assert list(full.items()) == reference  # names, shapes and checkpoint order
 

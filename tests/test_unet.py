@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from mindspore.nn.utils import no_init_parameters
 
-from conftest import read_shared_keys, rel_l2
+from conftest import read_reference_keys, rel_l2
 from sdxl_ms.backend import init_runtime
 from sdxl_ms.config import SDXL_BASE, TINY
 from sdxl_ms.models.unet import UNetModel
@@ -73,7 +73,7 @@ def test_sdxl_base_unet_layout_matches_public_checkpoint():
     with no_init_parameters():
         port = UNetModel(SDXL_BASE.unet)
     got = layout(port, PREFIX)
-    want = {k: v for k, v in read_shared_keys().items() if k.startswith(PREFIX)}
+    want = {k: v for k, v in read_reference_keys().items() if k.startswith(PREFIX)}
     assert len(want) == 1680
     assert got == want
     assert sum(int(np.prod(s)) for s in got.values()) == 2_567_463_684

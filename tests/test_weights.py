@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import read_shared_keys
+from conftest import read_reference_keys
 from sdxl_ms import load_pipeline
 from sdxl_ms.cli import main as ms_main
 from sdxl_ms.config import SDXL_BASE, TINY
@@ -23,7 +23,7 @@ from sdxl_ms.weights.safetensors_io import CheckpointError
 def test_keys_cli_equals_public_checkpoint_list(capsys):
     assert ms_main(["keys", "--preset", "sdxl-base", "--format", "sgm"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    want = {f"{k}:{v}" for k, v in read_shared_keys().items()}
+    want = {f"{k}:{v}" for k, v in read_reference_keys().items()}
     assert len(lines) == len(want) == 2514
     assert set(lines) == want
 

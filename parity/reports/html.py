@@ -24,6 +24,8 @@ td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospac
 .warn { background: #fff3d6; color: #8a5300; }
 .fail { background: #fde2e1; color: #b71c1c; }
 .skip { background: #eeeeee; color: #555; }
+.error { background: #f3d4f7; color: #6a1b9a; }
+pre.traceback { font-size: 12px; background: #fafafa; padding: 8px; overflow-x: auto; }
 .badge { padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: bold; }
 .figs { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; }
@@ -129,6 +131,11 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
     for s in report.ordered_stages():
         out.append(f'<section id="stage-{_attr(s.name)}"><h2>Stage {_esc(s.name)} '
                    f"{_badge(s.verdict)}</h2>")
+        if s.error:
+            out.append(f'<p class="error">The port raised <code>{_esc(s.error)}</code></p>')
+            if s.traceback:
+                out.append("<details><summary>traceback</summary>"
+                           f'<pre class="traceback">{_esc(s.traceback)}</pre></details>')
         if s.notes:
             out.append("<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in s.notes) + "</ul>")
         if s.limits:

@@ -1,7 +1,9 @@
 """JUnit XML: one testsuite, one testcase per stage, so CI shows the parity run as a test list.
 
 FAIL stages carry a `<failure>` (message = first failure, body = every failing comparison),
-SKIP stages a `<skipped>`, and WARN stages pass with their warnings in `<system-out>`.
+ERROR stages (the port raised) an `<error>` with the traceback, SKIP stages a `<skipped>`, and
+WARN stages pass with their warnings in `<system-out>`. Each testcase's `time` is the stage's
+wall time in seconds.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ def _lines(stage, verdict: Verdict):
 def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
     stages = report.ordered_stages()
     n_fail = sum(s.verdict == Verdict.FAIL for s in stages)
+    n_error = sum(s.verdict == Verdict.ERROR for s in stages)
     n_skip = sum(s.verdict == Verdict.SKIP for s in stages)
+    seconds = report.meta.get("stage_seconds") or {}
     attrs = {"name": suite_name, "tests": str(len(stages)), "failures": str(n_fail),
-             "errors": "0", "skipped": str(n_skip)}
+             "errors": str(n_error), "skipped": str(n_skip),
+             "time": f"{sum(float(v) for v in seconds.values()):.3f}"}
     root = ET.Element("testsuites", attrs)
     suite = ET.SubElement(root, "testsuite", dict(attrs, timestamp=report.created))
     props = ET.SubElement(suite, "properties")
@@ -38,8 +43,13 @@ def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
         ET.SubElement(props, "property", {"name": str(key), "value": meta_value(report.meta[key])})
     for s in stages:
         case = ET.SubElement(suite, "testcase", {"classname": suite_name, "name": s.name,
-                                                 "time": "0"})
-        if s.verdict == Verdict.FAIL:
+                                                 "time": f"{float(seconds.get(s.name, 0)):.3f}"})
+        if s.verdict == Verdict.ERROR:
+            kind = (s.error or "Exception").partition(":")[0]
+            err = ET.SubElement(case, "error", {"message": f"stage '{s.name}': the port raised "
+                                                           f"{s.error}", "type": kind})
+            err.text = s.traceback or s.error or ""
+        elif s.verdict == Verdict.FAIL:
             msg = first_failure_text(s)
             if msg == "-":
                 msg = s.notes[0] if s.notes else "stage failed"

@@ -40,6 +40,8 @@ def cell(t: TensorResult, column: str) -> str:
 
 
 def first_failure_text(stage: StageResult) -> str:
+    if stage.error:
+        return f"the port raised {stage.error}"
     if stage.first_failure is None:
         return "-"
     name, step = stage.first_failure
@@ -96,12 +98,14 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
     lines += _table(SUMMARY_HEADER, summary_rows(report))
     for s in stages:
         lines += ["", f"## Stage `{s.name}`: {s.verdict.value.upper()}", ""]
+        if s.error:
+            lines.append(f"- error: the port raised `{s.error}` (traceback in report.json)")
         for note in s.notes:
             lines.append(f"- note: {note}")
         if s.limits:
             lines.append("- policy bounds: " + ", ".join(
                 f"{k} warn {v['warn']:g} / fail {v['fail']:g}" for k, v in s.limits.items()))
-        if s.notes or s.limits:
+        if s.notes or s.limits or s.error:
             lines.append("")
         if s.images:
             lines.append(" ".join(f"![{role}]({image_paths.get(p, p)})"

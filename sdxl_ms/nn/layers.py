@@ -1,7 +1,7 @@
 """Layers with PyTorch-style parameter names, so checkpoint keys map one to one.
 
 MindSpore's own `nn` layers name norm parameters gamma/beta, default GELU to tanh, pick other
-epsilons and pad convolutions 'same' by default (see GUIDE section 3); these small cells make
+epsilons and pad convolutions 'same' by default (docs/porting-notes.md, section 4); these small cells make
 every such choice explicit. Parameters are created uninitialised-zero: weights always come from
 a checkpoint or from `sdxl_ms.weights.random_init`.
 """

@@ -27,7 +27,7 @@ from .guiders import GuidedDenoiser, IdentityGuider, VanillaCFG
 from .noise import GivenNoise, NoiseSource, SeededNoise
 from .samplers import (DIFFUSERS_SCHEDULERS, SAMPLERS, DPMPP2MSampler, DPMPP2SAncestralSampler,
                        EulerAncestralSampler, EulerEDMSampler, HeunEDMSampler, LinearMultistepSampler,
-                       SamplingPlan, diffusers_scheduler_config, diffusers_scheduler_spec, make_sampler,
+                       SamplingPlan, check_sampler, diffusers_scheduler_config, diffusers_scheduler_spec, make_sampler,
                        sampler_schedule)
 
 __all__ = [
@@ -35,6 +35,6 @@ __all__ = [
     "make_schedule", "sgm_schedule", "spaced_schedule", "training_sigmas", "GuidedDenoiser",
     "IdentityGuider", "VanillaCFG", "GivenNoise", "NoiseSource", "SeededNoise", "DIFFUSERS_SCHEDULERS",
     "SAMPLERS", "DPMPP2MSampler", "DPMPP2SAncestralSampler", "EulerAncestralSampler", "EulerEDMSampler",
-    "HeunEDMSampler", "LinearMultistepSampler", "SamplingPlan", "diffusers_scheduler_config",
+    "HeunEDMSampler", "LinearMultistepSampler", "SamplingPlan", "check_sampler", "diffusers_scheduler_config",
     "diffusers_scheduler_spec", "make_sampler", "sampler_schedule",
 ]

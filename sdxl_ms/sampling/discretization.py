@@ -56,7 +56,8 @@ def _check_steps(num_steps: int) -> None:
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """`torch.linspace(..., dtype=float32)` on CPU, bit for bit (measured on torch 2.x, AVX2).
+    """`torch.linspace(..., dtype=float32)` on CPU, bit for bit (measured on torch 2.x with AVX2,
+    and on torch 2.13.0 with AVX-512).
 
     torch computes a float32 step, fills the first half as `start + step*i` and the second half
     as `end - step*(steps-1-i)`, each a fused multiply-add rounded once to float32. numpy's
@@ -76,7 +77,10 @@ def alphas_cumprod(reference: str = "diffusers") -> np.ndarray:
 
     "diffusers": float32 like torch (betas and alphas in float32, the cumulative product
     accumulated in float64 and stored as float32, as torch's CPU cumprod does).
-    "sgm" / "float64": float64 throughout (sgm's `make_beta_schedule`).
+    "sgm" / "float64": float64 throughout, as sgm's `make_beta_schedule` and `np.cumprod`. Not
+    bit for bit: numpy's float64 linspace differs from sgm's torch one in the last bit of 276 of
+    the 1000 betas, which moves 22 products and 16 ratios `(1 - acp) / acp` by 1 ulp (2.2e-16
+    relative); the float32 ratios that `training_sigmas("sgm")` roots are identical.
     """
     _choice("reference", reference, ("diffusers", "sgm", "float64"))
     if reference == "diffusers":
@@ -90,12 +94,17 @@ def alphas_cumprod(reference: str = "diffusers") -> np.ndarray:
 def training_sigmas(reference: str = "diffusers") -> np.ndarray:
     """The 1000 sigmas `sqrt((1 - acp) / acp)`, index = training timestep (ascending).
 
-    "diffusers": float32 math like diffusers, correctly rounded; diffusers' own values differ by
-    one ulp in 190 of 1000 entries because torch's CPU float32 square root goes through MKL.
-    "sgm": the float64 ratio cast to float32 and square-rooted in float32, exactly what sgm's
-    `LegacyDDPMDiscretization` and `DiscreteDenoiser` hold.
+    "diffusers": float32 math like diffusers with a correctly rounded square root. The float32
+    ratio equals diffusers' bit for bit; the root may not, because torch takes float32 roots on
+    CPU through MKL, whose rounding depends on the instruction set it dispatches to.
+    "sgm": the float64 ratio cast to float32 (bitwise the one sgm's `LegacyDDPMDiscretization`
+    and `DiscreteDenoiser` root), then a correctly rounded float32 root. sgm's own float32
+    `** 0.5` is that same torch/MKL root, so it is not always correctly rounded.
+    Measured (torch 2.13.0+cpu, MKL 2024.2), entries of 1000 one ulp off the reference, never
+    more: AVX-512 (default there) sgm 9, diffusers 6; AVX2 0 and 0; SSE4.2 172 and 187. Another
+    machine gave 177 and 190. See docs/porting-notes.md, section 6.
     "float64": the float64 ratio and root (for formula checks). sgm and diffusers values differ
-    by ~1e-5 relative at small sigmas (cumulative float32 rounding in diffusers).
+    by up to 1.3e-5 relative, largest at small sigmas (cumulative float32 rounding in diffusers).
     """
     acp = alphas_cumprod(reference)
     ratio = (1 - acp) / acp
@@ -113,7 +122,8 @@ class LogSigmaInterp:
 
     Used for karras grids and for sigmas off the grid. Under numpy 1.x (this project's pin)
     diffusers' mix of a float64 query with float32 log sigmas runs in float32, so the weight is
-    computed in float32 here too and the timesteps match bitwise.
+    computed in float32 here too and, given the same training sigmas, the timesteps match
+    bitwise (see `training_sigmas` for when the computed sigmas are not diffusers').
     """
 
     def __init__(self, sigmas: Optional[np.ndarray] = None):
@@ -130,7 +140,10 @@ class LogSigmaInterp:
 
 
 class QuantizedTimesteps:
-    """sgm's `DiscreteDenoiser`: snap sigma to the nearest training sigma, feed its index."""
+    """sgm's `DiscreteDenoiser`: snap sigma to the nearest training sigma, feed its index.
+
+    Distances are taken in float64 here, in float32 in sgm.
+    """
 
     def __init__(self, sigmas: Optional[np.ndarray] = None):
         self.sigmas = training_sigmas("sgm") if sigmas is None else np.asarray(sigmas)
@@ -213,8 +226,9 @@ def spaced_schedule(spacing: str, num_steps: int, grid: str = "euler", final_sig
     """diffusers' "leading" / "trailing" / "linspace" grid, sigmas linearly interpolated.
 
     `train_sigmas` replaces the computed training sigmas, e.g. by a diffusers scheduler's own:
-    torch takes float32 square roots through MKL, which rounds 190 of the 1000 sigmas one ulp
-    away from the correctly rounded value computed here.
+    torch takes float32 square roots through MKL, which may round some of the 1000 sigmas one
+    ulp away from the correctly rounded values computed here (6 with AVX-512, 0 with AVX2, 187
+    with SSE4.2, measured; see `training_sigmas`).
     """
     _check_steps(num_steps)
     train = _train(train_sigmas)

@@ -17,6 +17,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..errors import InputError
+from ..validate import check_choice
 from ..weights.diffusers_configs import SDXL_SCHEDULER_CONFIG
 from .discretization import SCHEDULE_OPTIONS, SCHEDULES, Schedule, make_schedule
 from .noise import NoiseSource
@@ -324,14 +326,16 @@ _GRIDS = {
 }
 
 
-def _check_name(name: str) -> None:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+def check_sampler(name: str, schedule: Optional[str] = None) -> None:
+    """A known sampler name (and schedule, when given); `InputError` naming the choices."""
+    check_choice(name, tuple(SAMPLERS), "sampler")
+    if schedule is not None:
+        check_choice(schedule, SCHEDULES, "schedule")
 
 
 def sampler_schedule(name: str, num_steps: int, schedule: str = "leading", **options) -> Schedule:
     """The grid diffusers' scheduler for `name` builds (sgm's grid for schedule="sgm")."""
-    _check_name(name)
+    check_sampler(name)
     grid, sigma_range = _GRIDS[name]
     if schedule == "karras":
         options.setdefault("sigma_range", sigma_range)
@@ -359,9 +363,7 @@ def make_sampler(name: str, num_steps: int, schedule: str = "leading", **options
     Options are the sampler's dataclass fields (e.g. s_churn, eta, order, variant) or schedule
     options (final_sigma, sigma_min, sigma_max, rho, sigma_range, spacing, train_sigmas).
     """
-    _check_name(name)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+    check_sampler(name, schedule)
     cls = SAMPLERS[name]
     sampler_fields = {f.name for f in fields(cls)}
     unknown = set(options) - sampler_fields - set(SCHEDULE_OPTIONS)
@@ -377,14 +379,13 @@ def make_sampler(name: str, num_steps: int, schedule: str = "leading", **options
 def diffusers_scheduler_spec(name: str, schedule: str = "leading", final_sigma: str = "zero",
                              karras_spacing: str = "leading") -> Tuple[str, Dict]:
     """(diffusers scheduler class name, config overrides on SDXL's) matching (name, schedule)."""
-    _check_name(name)
+    check_sampler(name, schedule)
     if name not in DIFFUSERS_SCHEDULERS:
-        raise ValueError(f"sampler {name!r} has no diffusers scheduler; those that do: "
-                         f"{', '.join(DIFFUSERS_SCHEDULERS)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+        raise InputError(f"sampler {name!r} has no diffusers scheduler to compare with; those "
+                         f"that do: {', '.join(DIFFUSERS_SCHEDULERS)}")
     if schedule == "sgm":
-        raise ValueError("the sgm schedule has no diffusers scheduler config")
+        raise InputError("the sgm schedule has no diffusers scheduler config; choose from "
+                         f"{', '.join(s for s in SCHEDULES if s != 'sgm')}")
     cls = DIFFUSERS_SCHEDULERS[name]
     if schedule == "karras":
         if name == "euler_a":

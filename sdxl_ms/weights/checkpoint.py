@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -36,6 +37,7 @@ class DiffusersCheckpoint:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        _check_configs(self.path)
         self._files: Dict[str, SafetensorsFile] = {}
         self._file_key: Dict[str, str] = {}  # our spelling -> the key stored in the file
         self.shapes: Dict[str, Tuple[int, ...]] = {}
@@ -55,6 +57,22 @@ class DiffusersCheckpoint:
         return self._files[component].get(self._file_key[name])
 
 
+def _check_configs(folder: Path) -> None:
+    """Every component's config.json exists and parses: the reference (diffusers) builds its
+    networks from them, so a broken one is reported here, before anything loads."""
+    for component in COMPONENT_FILES:
+        config = folder / component / "config.json"
+        if not config.is_file():
+            raise CheckpointError(f"diffusers checkpoint {folder} has no {component}/config.json")
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config} is not valid JSON ({e}); restore it from the "
+                                  "original checkpoint") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{config} is not a JSON object")
+
+
 def _canonical(component: str, key: str) -> str:
     """transformers 5 saves CLIPTextModel without the `text_model.` level that SDXL's published
     folders (and transformers 4) use; both spellings load, the rules use the published one."""
@@ -70,10 +88,22 @@ def detect_format(path: Path) -> str:
                               "(no model_index.json or unet/)")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: only .safetensors single-file checkpoints are supported"
-                                  " (pickled .ckpt files are not loaded)")
+            if _is_pickle(path):
+                raise CheckpointError(
+                    f"{path} is a pickled checkpoint; pickles can run code when loaded and are "
+                    "never unpickled here: convert it to .safetensors "
+                    "(safetensors.torch.save_file, on a machine you trust)")
+            raise CheckpointError(f"{path}: not a checkpoint this tool reads; give an sgm "
+                                  ".safetensors file or a diffusers folder")
         return SGM
     raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _is_pickle(path: Path) -> bool:
+    """Sniffed from the first bytes: a pickle protocol >= 2 header, or torch.save's zip."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 def open_checkpoint(path: Path):

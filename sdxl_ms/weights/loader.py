@@ -106,17 +106,24 @@ def load_weights(model, ckpt) -> None:
     """Stream `ckpt` into `model` (an `SDXL` cell), converting diffusers names and layouts."""
     from .state import named_parameters, set_weights
 
+    from ..progress import bar
+
     check_layout(ckpt, model.cfg)
     params = named_parameters(model)
-    if ckpt.format == SGM:
-        items = ((name, ckpt.get(name)) for name in params)
-        set_weights(model, items)
-        return
-    rules = pipeline_rules(model.cfg)
-    set_weights(model, convert_to_sgm(rules, ckpt.get))
-    covered = {n for r in rules for n in r.sgm}
-    leftover = [n for n in params if n not in covered]
-    set_weights(model, ((n, _sgm_only(n)) for n in leftover))
+    with bar(total=len(params), desc="loading weights", unit="tensor") as progress:
+        def counted(items):
+            for item in items:
+                yield item
+                progress.update(1)
+
+        if ckpt.format == SGM:
+            set_weights(model, counted((name, ckpt.get(name)) for name in params))
+            return
+        rules = pipeline_rules(model.cfg)
+        set_weights(model, counted(convert_to_sgm(rules, ckpt.get)))
+        covered = {n for r in rules for n in r.sgm}
+        leftover = [n for n in params if n not in covered]
+        set_weights(model, counted((n, _sgm_only(n)) for n in leftover))
 
 
 def _sgm_only(name: str):

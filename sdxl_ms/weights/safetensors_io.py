@@ -7,20 +7,21 @@ header of dtypes, shapes and byte offsets, then the raw little-endian data.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import InputError
+from ..progress import bar
 
 _DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
            np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not match the expected layout."""
 
 
@@ -43,31 +44,17 @@ def write_safetensors(path: Path, layout: Sequence[Tuple[str, Tuple[int, ...]]],
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, bar(total=len(layout), desc=f"writing {Path(path).name}",
+                                       unit="tensor") as progress:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name, shape in layout:
+                progress.update(1)
                 arr = np.asarray(produce(name), dtype=dtype.newbyteorder("<"), order="C")  # keeps 0-d
                 if tuple(arr.shape) != tuple(shape):
                     raise ValueError(f"{name}: produced shape {arr.shape}, layout says {shape}")
                 f.write(arr.tobytes())
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class SafetensorsFile:
@@ -88,10 +75,18 @@ class SafetensorsFile:
                                   f"(truncated or corrupt?): {e}") from None
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor `name`; a `CheckpointError` if it cannot be read or holds NaN/Inf."""
         try:
-            return self._handle.get_tensor(name)
+            arr = self._handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r}: {e}") from None
+        # one float64 sum finds NaN or Inf without a mask as large as the tensor; finite
+        # float32/float16 values cannot overflow it
+        if arr.dtype.kind == "f" and not np.isfinite(np.sum(arr, dtype=np.float64)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds {bad} NaN/Inf values "
+                                  "(the first such tensor read); the checkpoint is corrupt")
+        return arr
 
     def metadata(self) -> Dict[str, str]:
         return self._handle.metadata() or {}

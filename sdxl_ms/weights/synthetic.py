@@ -7,15 +7,15 @@ tensor at a time and appears only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import numpy as np
 
+from ..atomic import atomic_dir
 from ..config import SDXLConfig, get_preset
+from ..errors import InputError
+from ..validate import check_choice, check_output_dir, check_writable_file
 from .checkpoint import DIFFUSERS, FORMATS, SGM
 from .diffusers_configs import model_index, pipeline_configs
 from .keymap import COMPONENT_FILES, KeyRule, pipeline_rules, split_component, to_diffusers
@@ -31,13 +31,15 @@ GENERATOR_VERSION = 2
 
 def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
                     dtype: str = "float32", overwrite: bool = False) -> Path:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_choice(fmt, FORMATS, "checkpoint format")
+    check_choice(dtype, tuple(DTYPES), "dtype")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+        raise InputError(f"{out} already exists (pass --force to replace it)")
+    if fmt == SGM:
+        check_writable_file(out)
+    else:
+        check_output_dir(out, "checkpoint folder")
     meta = {"generator": "sdxl-parity make-checkpoint", "generator_version": str(GENERATOR_VERSION),
             "preset": cfg.name, "seed": str(seed), "format": fmt}
     shapes = expected_layout(cfg, SGM)
@@ -58,9 +60,7 @@ def write_diffusers_folder(cfg: SDXLConfig, get_sgm: Callable[[str], np.ndarray]
     made from sgm tensors read through `get_sgm`; it appears at `out` only when complete."""
     from ..tokenizer import write_tokenizer_files
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         _write_json(tmp / "model_index.json", model_index())
         for component, config in pipeline_configs(cfg).items():
             name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -75,12 +75,6 @@ def write_diffusers_folder(cfg: SDXLConfig, get_sgm: Callable[[str], np.ndarray]
             write_safetensors(tmp / component / filename, layout,
                               lambda key, c=component: producer(f"{c}/{key}"), dtype,
                               {**meta, "component": component})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _DiffusersProducer:
@@ -112,7 +106,7 @@ def cached_checkpoint(preset: str = "tiny", seed: int = 0, fmt: str = DIFFUSERS)
     if not path.exists():
         try:
             make_checkpoint(cfg, seed, path, fmt)
-        except (FileExistsError, OSError):
+        except (InputError, OSError):
             if not path.exists():  # a concurrent writer wins the rename race; anything else is real
                 raise
     return path
