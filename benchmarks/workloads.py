@@ -63,15 +63,15 @@ def _pynative() -> None:
 
 def _jit(mode: str) -> Callable[[], None]:
     def prepare() -> None:
-        from sdxl_ms.backend import set_jit
+        from sdxl_ms.backend import settings
 
         _pynative()
-        set_jit(mode)
+        settings.set_jit(mode)
     return prepare
 
 
-# "graph": each network's forward compiled whole by ms.jit (`sdxl_ms.backend.set_jit("model")`);
-# "graph-blocks": one shared graph per block signature (`set_jit("blocks")`). Both compile on
+# "graph": each network's forward compiled whole by ms.jit (`sdxl_ms.backend.settings.set_jit("model")`);
+# "graph-blocks": one shared graph per block signature (`settings.set_jit("blocks")`). Both compile on
 # the first call, which the runner reports apart as compile_s.
 PORT_MODES: Dict[str, Mode] = {"pynative": Mode("pynative", prepare=_pynative),
                                "graph": Mode("graph", compiles=True, prepare=_jit("model")),

@@ -43,7 +43,7 @@ def _validate_spec(spec) -> None:
     """Everything a spec needs to be recorded and checked, before anything loads."""
     from sdxl_ms.config import get_preset
     from sdxl_ms.pipeline import check_generation_args, check_guidance
-    from sdxl_ms.sampling import diffusers_scheduler_spec
+    from .schedulers import diffusers_scheduler_spec
 
     get_preset(spec.preset)
     if not spec.samplers:
@@ -52,6 +52,9 @@ def _validate_spec(spec) -> None:
         diffusers_scheduler_spec(s, spec.schedule)  # known, and comparable with diffusers
     check_generation_args(spec.height or 8, spec.width or 8, spec.steps, "np")
     check_guidance(spec.guidance)
+    if spec.guidance <= 1:
+        raise InputError(f"guidance must be > 1 for a parity run, got {spec.guidance:g}: at <= 1 "
+                         "diffusers skips the unconditional pass the stages compare")
     if spec.checkpoint:
         check_existing(spec.checkpoint, "checkpoint")
 
@@ -83,6 +86,15 @@ def _finish(report, out: Path) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _port_spec(args):
+    """`--port MODULE:FACTORY`, its module imported and factory found before any work."""
+    from .ports import BUILTIN, PortSpec
+
+    spec = PortSpec.parse(args.port or BUILTIN)
+    spec.resolve()
+    return spec
+
+
 def cmd_run(args) -> int:
     from .policy import load_policy
     from .reference import require_reference
@@ -91,11 +103,13 @@ def cmd_run(args) -> int:
     require_reference("sdxl-parity run (it records the reference)")
     spec = _spec(args)
     _validate_spec(spec)
+    port_spec = _port_spec(args)
     policy = load_policy(args.policy)
     stages = _stages(args)
     policy.check_covers(stages, spec.dtype)
     out = _outputs(args)
-    report = run(spec, out, policy=policy, stages=stages, fail_fast=args.fail_fast,
+    report = run(spec, out, policy=policy, port_spec=port_spec, stages=stages,
+                 fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                  command=_command(args))
     return _finish(report, out)
@@ -146,13 +160,15 @@ def cmd_check(args) -> int:
 
     rec = Recording.load(check_existing(args.golden, "golden recording"))
     _check_golden_matches(rec, args)
+    port_spec = _port_spec(args)
     policy = load_policy(args.policy)
     stages = _stages(args)
     policy.check_covers(stages, rec.spec.dtype)
     out = _outputs(args)
-    report = check(rec, out, policy=policy, checkpoint=args.checkpoint, stages=stages,
-                   fail_fast=args.fail_fast, junit_xml=args.junit_xml and Path(args.junit_xml),
-                   log=_log(args), command=_command(args))
+    report = check(rec, out, policy=policy, port_spec=port_spec, checkpoint=args.checkpoint,
+                   stages=stages, fail_fast=args.fail_fast,
+                   junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
+                   command=_command(args))
     return _finish(report, out)
 
 
@@ -208,6 +224,10 @@ def _add_run_options(p, spec_options: bool = True) -> None:
 
 
 def _add_check_options(p) -> None:
+    p.add_argument("--port", default=None, metavar="MODULE:FACTORY",
+                   help="the port to check: a factory(checkpoint, dtype) returning an object "
+                        "with the stage contract (parity/contract.py); MODULE is importable or "
+                        "a .py file (default: the built-in sdxl_ms port)")
     p.add_argument("--out", default="parity-report", help="report folder (default: ./parity-report)")
     p.add_argument("--policy", default=None, help="tolerance policy TOML (default: the packaged one)")
     p.add_argument("--junit-xml", default=None, help="also write a JUnit XML file for CI")

@@ -13,7 +13,9 @@ import numpy as np
 
 from sdxl_ms.progress import bar as progress_bar
 
-from .recording import Recording, RunSpec
+from .contract import to_images
+from .recording import (Recording, RunSpec, call_key, conditioner_key, probe_key, sampler_key,
+                        tokens_key)
 
 # schedulers whose latents live in another parametrisation than the port's variance-exploding x
 _VP_LATENTS = {"dpmpp_2m"}
@@ -48,9 +50,7 @@ def full_step_latents(sampler: str, callback_latents: List[np.ndarray], sigmas: 
 
 def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recording:
     """Record the reference for `spec` on `checkpoint` (a path)."""
-    from sdxl_ms.pipeline import to_uint8
-
-    from .reference import load_reference
+    from .reference import load_reference, to_numpy
 
     ref = reference or load_reference(checkpoint, dtype=spec.dtype)
     default = ref.pipe.default_sample_size * ref.pipe.vae_scale_factor
@@ -60,15 +60,15 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
 
     tick("tokens")
     for key, ids in ref.tokenize([spec.prompt, spec.cond_negative]).items():
-        tensors[f"tokens/{key}"] = ids
+        tensors[tokens_key(key)] = ids
     tick("conditioner")
     for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
         out = ref.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
                                 crops_coords_top_left=spec.cond_crop, target_size=(height, width))
-        tensors.update({f"conditioner/{variant}/{k}": v for k, v in out.items()})
+        tensors.update({conditioner_key(variant, k): v for k, v in out.items()})
     out = ref.encode_prompt(spec.prompt, spec.negative_prompt, original_size=(height, width),
                             target_size=(height, width))  # exactly what generation uses
-    tensors.update({f"conditioner/generation/{k}": v for k, v in out.items()})
+    tensors.update({conditioner_key("generation", k): v for k, v in out.items()})
 
     shape = (1, 4, height // ref.pipe.vae_scale_factor, width // ref.pipe.vae_scale_factor)
     schedules = {}
@@ -83,11 +83,11 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
         def hook(module, args, kwargs, output):
             sample = args[0] if args else kwargs["sample"]
             t = args[1] if len(args) > 1 else kwargs["timestep"]
-            calls.append((ref._np(sample), float(np.asarray(ref._np(t)).reshape(-1)[0]),
-                          ref._np(output.sample if hasattr(output, "sample") else output[0])))
+            calls.append((to_numpy(sample), float(np.asarray(to_numpy(t)).reshape(-1)[0]),
+                          to_numpy(output.sample if hasattr(output, "sample") else output[0])))
 
         def on_step(pipe, i, t, kwargs):
-            step_latents.append(ref._np(kwargs["latents"]))
+            step_latents.append(to_numpy(kwargs["latents"]))
             bar.update(1)
             return kwargs
 
@@ -103,25 +103,27 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
         sched = ref.pipe.scheduler
         sigmas = sched.sigmas.float().cpu().numpy()
         for k, (x_in, t, eps) in enumerate(calls):
-            tensors[f"{sampler}/call{k}/x_in"] = x_in
-            tensors[f"{sampler}/call{k}/timestep"] = np.array([t], np.float32)
-            tensors[f"{sampler}/call{k}/eps"] = eps
-        tensors[f"{sampler}/initial_noise"] = noise["initial_noise"]
-        tensors[f"{sampler}/step_noise"] = noise["step_noise"]
-        tensors[f"{sampler}/latents"] = full_step_latents(sampler, step_latents, sigmas, spec.steps)
+            tensors[call_key(sampler, k, "x_in")] = x_in
+            tensors[call_key(sampler, k, "timestep")] = np.array([t], np.float32)
+            tensors[call_key(sampler, k, "eps")] = eps
+        tensors[sampler_key(sampler, "initial_noise")] = noise["initial_noise"]
+        tensors[sampler_key(sampler, "step_noise")] = noise["step_noise"]
+        tensors[sampler_key(sampler, "latents")] = full_step_latents(sampler, step_latents, sigmas,
+                                                                     spec.steps)
         decoded = ref.decode(final)
-        tensors[f"{sampler}/decoded"] = decoded
-        tensors[f"{sampler}/image"] = to_uint8(np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+        tensors[sampler_key(sampler, "decoded")] = decoded
+        tensors[sampler_key(sampler, "image")] = to_images(decoded)
         schedules[sampler] = {"scheduler": type(sched).__name__,
                               "timesteps": [c[1] for c in calls],
-                              "sigmas": [float(s) for s in sigmas]}
+                              "sigmas": [float(s) for s in sigmas],
+                              "init_noise_sigma": float(sched.init_noise_sigma)}
 
     bar.close()
     tick("decode probe")
     probe = (0.1 * ref.pipe.vae.config.scaling_factor
              * np.random.default_rng([spec.seed, 99]).standard_normal(shape, dtype=np.float32))
-    tensors["decode_probe/latents"] = probe.astype(np.float32)
-    tensors["decode_probe/decoded"] = ref.decode(probe)
+    tensors[probe_key("latents")] = probe.astype(np.float32)
+    tensors[probe_key("decoded")] = ref.decode(probe)
     from sdxl_ms.weights.synthetic import GENERATOR_VERSION
 
     meta = {"reference": reference_versions(ref), "height": height, "width": width,

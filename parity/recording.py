@@ -35,6 +35,29 @@ DEFAULT_PROMPT = "a lighthouse on a rocky coast at dusk, volumetric light, highl
 DEFAULT_COND_NEGATIVE = "blurry, low quality, watermark"
 
 
+def tokens_key(output: str) -> str:
+    return f"tokens/{output}"
+
+
+def conditioner_key(variant: str, output: str) -> str:
+    return f"conditioner/{variant}/{output}"
+
+
+def call_key(sampler: str, call: int, what: str) -> str:
+    """what: x_in, timestep or eps of UNet call `call`."""
+    return f"{sampler}/call{call}/{what}"
+
+
+def sampler_key(sampler: str, what: str) -> str:
+    """what: initial_noise, step_noise, latents, decoded or image."""
+    return f"{sampler}/{what}"
+
+
+def probe_key(what: str) -> str:
+    """what: latents or decoded."""
+    return f"decode_probe/{what}"
+
+
 class RecordingError(InputError):
     """A recording folder that is missing, incomplete, corrupt or of another schema."""
 
@@ -93,7 +116,10 @@ class Recording:
             raise RecordingError(f"recording {self.path or ''} has no tensor {name!r}") from None
 
     def unet_calls(self, sampler: str) -> int:
-        return sum(1 for k in self.tensors if k.startswith(f"{sampler}/call") and k.endswith("/eps"))
+        calls = 0
+        while call_key(sampler, calls, "eps") in self.tensors:
+            calls += 1
+        return calls
 
     def save(self, folder: Path) -> Path:
         from safetensors.numpy import save_file

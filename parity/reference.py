@@ -81,7 +81,7 @@ class ReferencePipeline:
             tids = self.pipe._get_add_time_ids(original_size, tuple(crops_coords_top_left),
                                                target_size, dtype=pe.dtype,
                                                text_encoder_projection_dim=proj)
-        f = self._np
+        f = to_numpy
         return {"prompt_embeds": f(pe), "pooled_prompt_embeds": f(ppe),
                 "negative_prompt_embeds": f(npe), "negative_pooled_prompt_embeds": f(nppe),
                 "add_time_ids": f(tids), "negative_add_time_ids": f(tids)}
@@ -95,7 +95,7 @@ class ReferencePipeline:
                                  encoder_hidden_states=self._t(encoder_hidden_states),
                                  added_cond_kwargs={"text_embeds": self._t(text_embeds),
                                                     "time_ids": self._t(time_ids)}).sample
-        return self._np(eps)
+        return to_numpy(eps)
 
     def decode(self, latents) -> np.ndarray:
         torch = self.torch
@@ -103,14 +103,14 @@ class ReferencePipeline:
         z = np.asarray(latents, np.float32) / np.float32(vae.config.scaling_factor)
         with torch.no_grad():
             img = vae.decode(torch.from_numpy(z).to(self.device, vae.dtype)).sample
-        return self._np(img)
+        return to_numpy(img)
 
     # ---- text to image ----------------------------------------------------------------------
 
     def use_sampler(self, sampler: str, schedule: str = "leading") -> None:
         """Swap in the diffusers scheduler that the port's `sampler`/`schedule` matches."""
         import diffusers
-        from sdxl_ms.sampling import diffusers_scheduler_spec
+        from .schedulers import diffusers_scheduler_spec
 
         cls_name, overrides = diffusers_scheduler_spec(sampler, schedule)
         cls = getattr(diffusers, cls_name)
@@ -135,7 +135,7 @@ class ReferencePipeline:
                             callback_on_step_end=callback)
         images = out.images
         if output_type == "latent":
-            return self._np(images)
+            return to_numpy(images)
         return np.asarray(images, dtype=np.float32)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -144,9 +144,11 @@ class ReferencePipeline:
         t = self.torch.from_numpy(np.ascontiguousarray(np.asarray(arr, np.float32)))
         return t.to(self.device) if keep_fp32 else t.to(self.device, self.dtype)
 
-    @staticmethod
-    def _np(t) -> np.ndarray:
-        return t.detach().float().cpu().numpy()
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor as a float32 numpy array (on the CPU)."""
+    return t.detach().float().cpu().numpy()
 
 
 def load_reference(path: Union[str, Path], dtype: str = "float32", device: str = "cpu",

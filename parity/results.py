@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from parity.contract import STAGES
 from parity.metrics import (ExactMetrics, ImageMetrics, TensorMetrics, decode_float,
                             encode_float, format_value, metrics_from_dict)
 
 SCHEMA_VERSION = 1
-STAGES: Tuple[str, ...] = ("tokens", "conditioner", "unet", "sampler", "trajectory", "decode",
-                           "image")
 
 Metrics = Union[TensorMetrics, ExactMetrics, ImageMetrics]
 

@@ -15,6 +15,7 @@ from sdxl_ms.progress import bar as progress_bar
 from .policy import Policy, load_policy
 from .recording import Recording, RecordingError, RunSpec
 from .guard import PortError, PortGuard
+from .ports import BUILTIN, PortSpec, describe, load_port
 from .results import ParityReport, StageResult, Verdict
 from .stages import STAGE_FUNCTIONS, STAGES, StageContext
 
@@ -36,12 +37,12 @@ def resolve_checkpoint(spec: RunSpec, override: Optional[str] = None,
 
 
 def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, port=None,
-          checkpoint: Optional[str] = None, stages: Sequence[str] = STAGES,
-          fail_fast: bool = False, junit_xml: Optional[Path] = None,
-          log: Callable[[str], None] = lambda s: None,
+          port_spec: Optional[PortSpec] = None, checkpoint: Optional[str] = None,
+          stages: Sequence[str] = STAGES, fail_fast: bool = False,
+          junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
           command: Optional[str] = None) -> ParityReport:
-    from sdxl_ms import load_pipeline
-
+    """Check a port against a recording. `port` is a built port object; else it is built from
+    `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded."""
     from .reports import write_reports
 
     policy = policy or load_policy()
@@ -52,8 +53,9 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     ckpt = resolve_checkpoint(spec, checkpoint, rec.meta.get("checkpoint_generator_version"))
     policy.check_covers([s for s in stages], spec.dtype)
     if port is None:
-        log(f"loading the port from {ckpt}")
-        port = load_pipeline(ckpt, dtype=spec.dtype)
+        port_spec = port_spec or PortSpec.parse(BUILTIN)
+        log(f"loading the port ({port_spec}) from {ckpt}")
+        port = load_port(port_spec, ckpt, spec.dtype)
     out_dir = Path(out_dir)
     ctx = StageContext(port=PortGuard(port), rec=rec, policy=policy, out_dir=out_dir,
                        dtype=spec.dtype)
@@ -85,7 +87,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         "command": command or command_line(), "spec": _spec_dict(spec), "policy": policy.name,
         "policy_source": policy.source, "dtype": spec.dtype, "checkpoint": str(ckpt),
         "recording": str(rec.path) if rec.path else None,
-        "reference": rec.meta.get("reference", {}), "port": port_description(port),
+        "reference": rec.meta.get("reference", {}),
+        "port": {**describe(port, port_spec), **port_versions()},
         "execution": execution_summary(),
         "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
         "stage_seconds": timings,
@@ -96,9 +99,9 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
 
 
 def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
-        stages: Sequence[str] = STAGES, fail_fast: bool = False,
-        junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
-        command: Optional[str] = None) -> ParityReport:
+        port_spec: Optional[PortSpec] = None, stages: Sequence[str] = STAGES,
+        fail_fast: bool = False, junit_xml: Optional[Path] = None,
+        log: Callable[[str], None] = lambda s: None, command: Optional[str] = None) -> ParityReport:
     from .record import record
 
     policy = policy or load_policy()
@@ -107,28 +110,27 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
     log(f"recording the reference (diffusers) on {ckpt}")
     rec = record(spec, ckpt, progress=lambda what: log(f"reference: {what}"))
     rec.save(Path(out_dir) / "recording")
-    return check(rec, out_dir, policy=policy, checkpoint=str(ckpt), stages=stages,
-                 fail_fast=fail_fast, junit_xml=junit_xml, log=log, command=command)
+    return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
+                 stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
+                 command=command)
 
 
-def port_description(port) -> Dict[str, str]:
-    """Which port was checked (its class and module) and the versions it ran with."""
+def port_versions() -> Dict[str, str]:
+    """The versions the port ran with."""
     import mindspore
     import numpy
 
     import sdxl_ms
 
-    cls = type(port)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "sdxl_ms": sdxl_ms.__version__,
-            "mindspore": mindspore.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+    return {"sdxl_ms": sdxl_ms.__version__, "mindspore": mindspore.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
 
 
 def execution_summary() -> Dict:
-    """The port's device target and execution mode as resolved (graph mode, conv, threads)."""
-    from sdxl_ms.backend import execution_summary as summary
+    """The port's device target and execution mode as resolved (graph mode, kernel threads)."""
+    from sdxl_ms.backend import settings
 
-    return summary()
+    return settings.summary()
 
 
 def command_line() -> str:

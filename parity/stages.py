@@ -13,24 +13,26 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from .contract import (ENCODE_OUTPUTS, STAGES, TOKENIZE_OUTPUTS, SamplerRun, cfg_batch, guide,
+                       to_images)
 from .metrics import compare, compare_exact, image_metrics
 from .policy import Policy
-from .recording import Recording
+from .recording import (Recording, call_key, conditioner_key, probe_key, sampler_key,
+                        tokens_key)
 from .results import StageResult, TensorResult
 
-STAGES = ("tokens", "conditioner", "unet", "sampler", "trajectory", "decode", "image")
-ENCODE_OUTPUTS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                  "negative_pooled_prompt_embeds", "add_time_ids", "negative_add_time_ids")
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "StageContext", "sampler_run"]
 
 
 @dataclass
 class StageContext:
-    port: object  # sdxl_ms.SDXLPipeline (or anything with its stage contract)
+    port: object  # anything with the stage contract (parity.contract), behind a PortGuard
     rec: Recording
     policy: Policy
     out_dir: Path
     dtype: str = "float32"
     port_images: Dict[str, np.ndarray] = field(default_factory=dict)  # filled by trajectory
+    notes: Dict[str, List[str]] = field(default_factory=dict)  # per stage, shown in the report
 
     def judge(self, stage: str, name: str, ref, port, step: Optional[int] = None) -> TensorResult:
         m = compare(ref, port, **self.policy.tolerances(stage, self.dtype))
@@ -40,6 +42,58 @@ class StageContext:
     def size(self):
         return self.rec.meta["height"], self.rec.meta["width"]
 
+    def note(self, stage: str, text: str) -> None:
+        if text not in self.notes.setdefault(stage, []):
+            self.notes[stage].append(text)
+
+    def result(self, stage: str, tensors, **kwargs) -> StageResult:
+        notes = kwargs.pop("notes", []) + self.notes.get(stage, [])
+        return self.policy.stage_result(stage, self.dtype, tensors, notes=notes, **kwargs)
+
+
+# ---- how the harness drives a port's optional methods ------------------------------------------
+
+
+def port_guide(ctx: StageContext, stage: str, eps: np.ndarray, scale: float) -> np.ndarray:
+    """The port's own CFG combination when it offers `guide`, else the reference's."""
+    if hasattr(ctx.port, "guide"):
+        return ctx.port.guide(eps, scale)
+    ctx.note(stage, "the port offers no guide(): eps_guided uses the reference's CFG")
+    return guide(eps, scale)
+
+
+def sampler_run(rec: Recording, sampler: str) -> SamplerRun:
+    """The reference's run of `sampler`, for the port's sampler to repeat."""
+    spec, schedule = rec.spec, rec.schedules.get(sampler, {})
+    sigmas = np.asarray(schedule.get("sigmas", []), np.float32)
+    init = schedule.get("init_noise_sigma")
+    if init is None and len(sigmas):  # recordings before init_noise_sigma was stored
+        s0 = float(sigmas[0])
+        init = (s0 ** 2 + 1) ** 0.5 if spec.schedule == "leading" else s0
+    return SamplerRun(sampler=sampler, schedule=spec.schedule, steps=spec.steps,
+                      guidance=spec.guidance,
+                      initial_noise=rec.get(sampler_key(sampler, "initial_noise")),
+                      step_noise=rec.get(sampler_key(sampler, "step_noise")),
+                      sigmas=sigmas, timesteps=np.asarray(schedule.get("timesteps", []),
+                                                          np.float32),
+                      init_noise_sigma=float(init or 1.0))
+
+
+def run_port_sampler(ctx: StageContext, stage: str, sampler: str, eps) -> List[np.ndarray]:
+    """Latents after each step of the port's own sampler (`sample`), or of the built-in one
+    when the port offers none (said so in the report)."""
+    run = sampler_run(ctx.rec, sampler)
+    latents: List[np.ndarray] = []
+    collect = lambda i, x: latents.append(np.array(x, np.float32))  # noqa: E731
+    if hasattr(ctx.port, "sample"):
+        ctx.port.sample(run, eps, collect)
+    else:
+        from sdxl_ms.pipeline import sample_with_builtin_sampler
+
+        ctx.note(stage, "the port offers no sample(): the built-in sdxl_ms sampler was used")
+        sample_with_builtin_sampler(run, eps, collect)
+    return latents
+
 
 # ---- stages ------------------------------------------------------------------------------
 
@@ -48,10 +102,10 @@ def stage_tokens(ctx: StageContext) -> StageResult:
     spec = ctx.rec.spec
     got = ctx.port.tokenize([spec.prompt, spec.cond_negative])
     tensors = []
-    for key in ("input_ids", "input_ids_2"):
-        m = compare_exact(ctx.rec.get(f"tokens/{key}"), got[key])
+    for key in TOKENIZE_OUTPUTS:
+        m = compare_exact(ctx.rec.get(tokens_key(key)), got[key])
         tensors.append(ctx.policy.tensor_result("tokens", ctx.dtype, key, m))
-    return ctx.policy.stage_result("tokens", ctx.dtype, tensors)
+    return ctx.result("tokens", tensors)
 
 
 def stage_conditioner(ctx: StageContext) -> StageResult:
@@ -61,126 +115,98 @@ def stage_conditioner(ctx: StageContext) -> StageResult:
         got = ctx.port.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
                                      crops_coords_top_left=spec.cond_crop, target_size=ctx.size)
         for key in ENCODE_OUTPUTS:
-            want = ctx.rec.get(f"conditioner/{variant}/{key}")
+            want = ctx.rec.get(conditioner_key(variant, key))
             if not np.any(want):  # zeroed negatives: exactly zero, judged like ids (exact)
                 m = compare_exact(want, got[key])
                 tensors.append(ctx.policy.tensor_result("tokens", ctx.dtype, f"{variant}/{key}", m))
             else:
                 tensors.append(ctx.judge("conditioner", f"{variant}/{key}", want, got[key]))
-    return ctx.policy.stage_result("conditioner", ctx.dtype, tensors)
+    return ctx.result("conditioner", tensors)
 
 
-def _generation_cond(ctx: StageContext):
-    """The reference's conditioning for generation, batched uncond then cond."""
-    c = lambda k: ctx.rec.get(f"conditioner/generation/{k}")  # noqa: E731
-    return {"encoder_hidden_states": np.concatenate([c("negative_prompt_embeds"), c("prompt_embeds")]),
-            "text_embeds": np.concatenate([c("negative_pooled_prompt_embeds"),
-                                           c("pooled_prompt_embeds")]),
-            "time_ids": np.concatenate([c("negative_add_time_ids"), c("add_time_ids")])}
+def _generation_batch(ctx: StageContext) -> Dict[str, np.ndarray]:
+    """The reference's conditioning for generation as the UNet's CFG batch."""
+    return cfg_batch({key: ctx.rec.get(conditioner_key("generation", key))
+                      for key in ENCODE_OUTPUTS})
 
 
 def stage_unet(ctx: StageContext) -> StageResult:
-    from sdxl_ms.sampling import VanillaCFG
-
-    cond = _generation_cond(ctx)
-    guider = VanillaCFG(ctx.rec.spec.guidance)
+    batch = _generation_batch(ctx)
+    scale = ctx.rec.spec.guidance
     tensors = []
     for sampler in ctx.rec.spec.samplers:
         for k in range(ctx.rec.unet_calls(sampler)):
-            x_in = ctx.rec.get(f"{sampler}/call{k}/x_in")
-            t = ctx.rec.get(f"{sampler}/call{k}/timestep")
-            want = ctx.rec.get(f"{sampler}/call{k}/eps")
-            got = ctx.port.unet(x_in, t, cond["encoder_hidden_states"], cond["text_embeds"],
-                                cond["time_ids"])
+            want = ctx.rec.get(call_key(sampler, k, "eps"))
+            got = ctx.port.unet(ctx.rec.get(call_key(sampler, k, "x_in")),
+                                ctx.rec.get(call_key(sampler, k, "timestep")), **batch)
             for name, w, g in (("eps_uncond", want[:1], got[:1]), ("eps_cond", want[1:], got[1:]),
-                               ("eps_guided", _guide(want, ctx.rec.spec.guidance), guider.combine(got))):
+                               ("eps_guided", guide(want, scale),
+                                port_guide(ctx, "unet", got, scale))):
                 tensors.append(ctx.judge("unet", f"{sampler}/{name}", w, g, step=k))
-    return ctx.policy.stage_result("unet", ctx.dtype, tensors)
+    return ctx.result("unet", tensors)
 
 
-def _guide(eps: np.ndarray, scale: float) -> np.ndarray:
-    """The reference's CFG arithmetic (diffusers: u + s (c - u)), written out independently."""
-    u, c = eps[:1], eps[1:]
-    return u + np.float32(scale) * (c - u)
-
-
-def _replay_network(ctx: StageContext, sampler: str):
-    """A 'network' that answers the k-th call with the reference's recorded eps."""
+def _replay(ctx: StageContext, sampler: str):
+    """An `eps` that answers the k-th call with the reference's recorded UNet output."""
     calls = iter(range(ctx.rec.unet_calls(sampler)))
 
-    def network(x_in, t, cond):
+    def eps(x_in, t):
         k = next(calls, None)
         if k is None:
             raise RuntimeError(f"{sampler}: the port's sampler asked for more UNet calls than "
                                "the reference made")
-        return ctx.rec.get(f"{sampler}/call{k}/eps")
+        return ctx.rec.get(call_key(sampler, k, "eps"))
 
-    return network
-
-
-def _run_port_sampler(ctx: StageContext, sampler: str, network) -> List[np.ndarray]:
-    from sdxl_ms.sampling import Denoiser, GivenNoise, GuidedDenoiser, VanillaCFG, make_sampler
-
-    spec = ctx.rec.spec
-    plan = make_sampler(sampler, spec.steps, spec.schedule)
-    noise = GivenNoise(ctx.rec.get(f"{sampler}/initial_noise"), list(ctx.rec.get(f"{sampler}/step_noise")))
-    denoise = GuidedDenoiser(network, Denoiser.for_schedule(plan.schedule),
-                             VanillaCFG(spec.guidance), cond={}, uncond={})
-    latents: List[np.ndarray] = []
-    plan(denoise, noise, ctx.rec.get(f"{sampler}/initial_noise").shape,
-         callback=lambda i, x, d: latents.append(np.array(x, np.float32)))
-    return latents
+    return eps
 
 
 def stage_sampler(ctx: StageContext) -> StageResult:
+    """The port's sampler replaying the reference's recorded UNet outputs."""
     tensors = []
     for sampler in ctx.rec.spec.samplers:
-        got = _run_port_sampler(ctx, sampler, _replay_network(ctx, sampler))
-        want = ctx.rec.get(f"{sampler}/latents")
+        got = run_port_sampler(ctx, "sampler", sampler, _replay(ctx, sampler))
+        want = ctx.rec.get(sampler_key(sampler, "latents"))
         if len(got) != len(want):
             raise RuntimeError(f"{sampler}: the port ran {len(got)} steps, the reference {len(want)}")
         tensors += [ctx.judge("sampler", f"{sampler}/latents", w, g, step=i)
                     for i, (w, g) in enumerate(zip(want, got))]
-    return ctx.policy.stage_result("sampler", ctx.dtype, tensors)
+    return ctx.result("sampler", tensors)
 
 
 def stage_trajectory(ctx: StageContext) -> StageResult:
-    """The port's own pipeline from the same noise; its final images feed the image stage."""
-    from sdxl_ms.pipeline import to_uint8
-    from sdxl_ms.sampling import GivenNoise
-
+    """The port's own loop from the same noise: its conditioning, UNet and sampler; its final
+    latents decoded feed the image stage."""
     spec = ctx.rec.spec
     height, width = ctx.size
+    cond = ctx.port.encode_prompt(spec.prompt, spec.negative_prompt, original_size=(height, width),
+                                  crops_coords_top_left=(0, 0), target_size=(height, width))
+    batch = cfg_batch(cond)
+
+    def eps(x_in, t):
+        return ctx.port.unet(x_in, t, **batch)
+
     tensors = []
     for sampler in spec.samplers:
-        latents: List[np.ndarray] = []
-        noise = GivenNoise(ctx.rec.get(f"{sampler}/initial_noise"),
-                           list(ctx.rec.get(f"{sampler}/step_noise")))
-        final = ctx.port(spec.prompt, spec.negative_prompt, height=height, width=width,
-                         num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-                         sampler=sampler, schedule=spec.schedule, noise=noise,
-                         output_type="latent", progress=False,
-                         callback=lambda i, x, d: latents.append(np.array(x, np.float32)))
-        want = ctx.rec.get(f"{sampler}/latents")
+        latents = run_port_sampler(ctx, "trajectory", sampler, eps)
+        want = ctx.rec.get(sampler_key(sampler, "latents"))
         tensors += [ctx.judge("trajectory", f"{sampler}/latents", w, g, step=i)
                     for i, (w, g) in enumerate(zip(want, latents))]
-        decoded = ctx.port.decode(final)
-        ctx.port_images[sampler] = to_uint8(np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
-    return ctx.policy.stage_result("trajectory", ctx.dtype, tensors)
+        ctx.port_images[sampler] = to_images(ctx.port.decode(latents[-1]))
+    return ctx.result("trajectory", tensors)
 
 
 def stage_decode(ctx: StageContext) -> StageResult:
     tensors = []
     for sampler in ctx.rec.spec.samplers:
         # teacher-forced: the reference's final latents are the last recorded step
-        final = ctx.rec.get(f"{sampler}/latents")[-1]
-        tensors.append(ctx.judge("decode", f"{sampler}/decoded", ctx.rec.get(f"{sampler}/decoded"),
+        final = ctx.rec.get(sampler_key(sampler, "latents"))[-1]
+        tensors.append(ctx.judge("decode", f"{sampler}/decoded",
+                                 ctx.rec.get(sampler_key(sampler, "decoded")),
                                  ctx.port.decode(final)))
-    probe = ctx.rec.get("decode_probe/latents")
-    tensors.append(ctx.judge("decode", "probe/decoded", ctx.rec.get("decode_probe/decoded"),
-                             ctx.port.decode(probe)))
-    return ctx.policy.stage_result(
-        "decode", ctx.dtype, tensors,
+    tensors.append(ctx.judge("decode", "probe/decoded", ctx.rec.get(probe_key("decoded")),
+                             ctx.port.decode(ctx.rec.get(probe_key("latents")))))
+    return ctx.result(
+        "decode", tensors,
         notes=["probe: a 0.1-amplitude latent, where normalisation epsilons are not negligible"])
 
 
@@ -191,12 +217,12 @@ def stage_image(ctx: StageContext) -> StageResult:
         stage_trajectory(ctx)
     tensors, images = [], {}
     for sampler in ctx.rec.spec.samplers:
-        want, got = ctx.rec.get(f"{sampler}/image")[0], ctx.port_images[sampler][0]
+        want, got = ctx.rec.get(sampler_key(sampler, "image"))[0], ctx.port_images[sampler][0]
         m = image_metrics(want, got)
         tensors.append(ctx.policy.tensor_result("image", ctx.dtype, f"{sampler}/image", m))
         for role, path in write_image_triplet(want, got, ctx.out_dir, stem=sampler).items():
             images[f"{sampler} {role}"] = path
-    return ctx.policy.stage_result("image", ctx.dtype, tensors, images=images)
+    return ctx.result("image", tensors, images=images)
 
 
 STAGE_FUNCTIONS: Dict[str, Callable[[StageContext], StageResult]] = {

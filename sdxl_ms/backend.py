@@ -1,110 +1,32 @@
-"""The one switch between the native convolution kernels and an im2col (unfold + MatMul)
-lowering, and the runtime settings each backend needs.
+"""How the port executes: one settings object (graph mode, CPU kernel threads) and the runtime
+set-up each backend needs.
 
-`conv_impl()` is "native" on every backend by default. *Measured* on MindSpore 2.10 CPU (2
-cores): once ops launch synchronously (`init_runtime`), the native 3x3 Conv2D runs at 0.4-1.5x
-PyTorch's time at SDXL shapes (`benchmarks.profile_port convs`), while the im2col lowering costs
-0.5-2.6x and more than native at nearly every shape (its unfold copy is as slow as the GEMM). The "700x slower" native CPU convolution was an artefact of the
-asynchronous launch queue. Set ``SDXL_MS_CONV=native|im2col`` to force either path; results
-agree to fp32 rounding.
+`settings` starts from the environment (`SDXL_MS_JIT=off|blocks|model`, `SDXL_MS_THREADS=N`,
+0 for MindSpore's own default), read by `init_runtime` before the first model runs; its setters
+(`settings.set_jit("blocks")`, `settings.set_threads(2)`) override it from then on. A bad value
+fails up front with one line naming the variable.
+
+Convolutions always use MindSpore's native `Conv2D`: *measured* on MindSpore 2.10 CPU (2
+cores), once ops launch synchronously it runs at 0.4-1.5x PyTorch's time at SDXL shapes, while
+an im2col (unfold + MatMul) lowering cost 0.5-2.6x, more than native at nearly every shape, so
+that second path was removed (docs/porting-notes.md, section 4).
 """
 from __future__ import annotations
 
-import inspect
 import os
+from typing import Optional, Union
 
 import mindspore as ms
 
 from .errors import InputError
 
-_CHOICES = ("auto", "native", "im2col")
-_runtime_ready = False
-
-
-def conv_impl() -> str:
-    choice = os.environ.get("SDXL_MS_CONV", "auto").lower()
-    if choice not in _CHOICES:
-        raise InputError(f"SDXL_MS_CONV must be one of {', '.join(_CHOICES)}, got {choice!r}")
-    return "native" if choice == "auto" else choice
-
-
-def is_cpu() -> bool:
-    return ms.get_context("device_target") == "CPU"
-
-
-def cpu_threads() -> int:
-    """Kernel threads for the CPU backend: `SDXL_MS_THREADS`, else the cores this process may use."""
-    env = os.environ.get("SDXL_MS_THREADS")
-    if env:
-        if not env.strip().isdigit():
-            raise InputError(f"SDXL_MS_THREADS must be a whole number of threads, got {env!r}")
-        return max(1, int(env))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def init_runtime() -> None:
-    """On CPU: launch ops synchronously (*measured* on 2 cores, PyNative's asynchronous launch
-    queue spins against the compute threads and makes small ops 10-60x slower) and size the
-    kernel thread pool to the cores (*measured*: left unset, the Python thread computes beside
-    the pool's workers, 3 threads on 2 cores, ~1.7x the CPU time for the same MatMul)."""
-    global _runtime_ready
-    if _runtime_ready:
-        return
-    conv_impl(), jit_mode()  # a bad SDXL_MS_CONV / SDXL_MS_JIT fails here, before any work
-    if is_cpu():
-        ms.runtime.launch_blocking()
-        from mindspore.device_context.cpu.op_tuning import RuntimeConf
-
-        if os.environ.get("SDXL_MS_THREADS") != "0" and \
-                not RuntimeConf.get_instance().is_op_threads_num_configured():
-            ms.device_context.cpu.op_tuning.threads_num(cpu_threads())
-    _runtime_ready = True
-
-
-def execution_summary() -> dict:
-    """What this process runs on and how, as resolved (for reports): MindSpore's device
-    target, the graph mode, the convolution path and the CPU kernel threads."""
-    threads = None
-    if is_cpu():
-        threads = "mindspore default" if os.environ.get("SDXL_MS_THREADS") == "0" else cpu_threads()
-    return {"device_target": ms.get_context("device_target"), "jit": jit_mode(),
-            "conv": conv_impl(), "threads": threads}
-
-
 JIT_MODES = ("off", "blocks", "model")
-_jit_mode = None  # None: read SDXL_MS_JIT on first use
-_graphs = {}
 
 
-def jit_mode() -> str:
-    """"off" (PyNative), "blocks" or "model": `set_jit`, else the SDXL_MS_JIT environment
-    variable (0/off, 1/blocks, model)."""
-    global _jit_mode
-    if _jit_mode is None:
-        _jit_mode = _mode_from_env()
-    return _jit_mode
+class ExecutionSettings:
+    """The port's execution switches in one place.
 
-
-def _mode_from_env() -> str:
-    # its own function: ms.jit parses `jit_mode` (called inside graphs) and rejects `try`
-    try:
-        return _parse_mode(os.environ.get("SDXL_MS_JIT", "off"))
-    except ValueError as err:
-        raise InputError(f"SDXL_MS_JIT: {err}") from None
-
-
-def jit_enabled() -> bool:
-    """Whether blocks run as shared compiled graphs ("blocks" mode)."""
-    return jit_mode() == "blocks"
-
-
-def set_jit(mode) -> None:
-    """Graph mode for the UNet, VAE and text encoders: "off" (False, PyNative, the default),
-    "blocks" (True) or "model".
-
+    `jit`: "off" (PyNative, the default), "blocks" or "model".
     "blocks": every block (ResBlock, spatial transformer, VAE resnet block, text-encoder layer)
     is a function of its inputs and weights, compiled by ms.jit once per input signature and
     shared by every layer with that signature (sdxl-base's six width-1280 spatial transformers
@@ -114,12 +36,51 @@ def set_jit(mode) -> None:
     against ~260 ms in PyNative, after a 25 s compile), but long compiles at full size
     (*measured* ~90 s for the sdxl-base UNet) and ~1 GB more peak memory there.
     Both remove MindSpore's ~0.15 ms per-op PyNative dispatch; results equal PyNative's.
+    `threads`: CPU kernel threads; None leaves MindSpore's own default. Applied by
+    `init_runtime`, before the first op runs.
     """
-    global _jit_mode
-    _jit_mode = _parse_mode(mode)
+
+    def __init__(self, jit: str = "off", threads: Optional[int] = None):
+        self.jit = parse_jit(jit)
+        self.threads = threads
+        self._explicit = set()  # names a setter fixed: the environment no longer applies
+
+    def read_env(self) -> None:
+        """Take SDXL_MS_JIT and SDXL_MS_THREADS, except where a setter already decided."""
+        if "jit" not in self._explicit:
+            try:
+                self.jit = parse_jit(os.environ.get("SDXL_MS_JIT", "off"))
+            except InputError as err:
+                raise InputError(f"SDXL_MS_JIT: {err}") from None
+        if "threads" not in self._explicit:
+            env = os.environ.get("SDXL_MS_THREADS", "").strip()
+            if not env:
+                self.threads = available_cores()
+            elif env.isdigit():
+                self.threads = int(env) or None
+            else:
+                raise InputError(f"SDXL_MS_THREADS must be a whole number of threads, got "
+                                 f"{os.environ['SDXL_MS_THREADS']!r}")
+
+    def set_jit(self, mode: Union[str, bool, None]) -> None:
+        self.jit = parse_jit(mode)
+        self._explicit.add("jit")
+
+    def set_threads(self, threads: Optional[int]) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise InputError(f"threads must be a whole number >= 1 or None, got {threads!r}")
+        self.threads = threads
+        self._explicit.add("threads")
+
+    def summary(self) -> dict:
+        """What reports record: device target, graph mode, kernel threads."""
+        return {"device_target": ms.get_context("device_target"), "jit": self.jit,
+                "threads": self.threads if is_cpu() else None}
 
 
-def _parse_mode(mode) -> str:
+def parse_jit(mode) -> str:
+    """"off", "blocks" or "model" from a name, a bool or the usual spellings (0/1, on/off)."""
     if mode is True:
         return "blocks"
     if mode is False or mode is None:
@@ -132,70 +93,41 @@ def _parse_mode(mode) -> str:
     return name
 
 
-def run_model(cell, fn, *args):
-    """`fn(*args)` (a model's forward, e.g. `cell._forward`): compiled as one graph per model,
-    function and input signature in "model" mode, else called directly.
-
-    A graph freezes the Python it traced, so the graph cache is keyed on a guard: the layers'
-    `GUARDED` attributes (norm epsilons and groups, activation functions) and their classes'
-    `construct`. Changing one (a patched layer, a mutant test) compiles a new graph instead of
-    being silently ignored. The guard stays on the Python side: handing it to the graph as an
-    argument made ms.jit recompile on every call (*measured*: 31 s per tiny UNet call)."""
-    if jit_mode() != "model":
-        return fn(*args)
-    state = cell.__dict__.setdefault("_sdxl_model_graphs", {})
-    if "guarded" not in state:
-        cells = [c for _, c in cell.cells_and_names()]
-        state["guarded"] = [c for c in cells if any(a in c.__dict__ for a in GUARDED)]
-        state["classes"] = sorted({type(c) for c in cells}, key=lambda t: t.__qualname__)
-    key = (fn.__name__,
-           tuple(c.__dict__.get(a) for c in state["guarded"] for a in GUARDED),
-           tuple(t.construct for t in state["classes"]))
-    graph = state.get(key)
-    if graph is None:
-        # One PyNative call first: *measured* (tiny UNet, CPU) a graph compiled before the
-        # model ever ran eagerly runs 6x slower on every call (290 ms against 44 ms).
-        fn(*args)
-
-        def traced(*inputs):  # a new function object: a new compile for a new guard
-            return fn(*inputs)
-        graph = state[key] = ms.jit(traced)
-    return graph(*args)
+def available_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
-GUARDED = ("eps", "num_groups", "act")
+def is_cpu() -> bool:
+    return ms.get_context("device_target") == "CPU"
 
 
-def run_graph(fn, *args):
-    """`fn(*args)`: eagerly in PyNative, or through its ms.jit graph when jit is enabled.
-
-    Tensors and tuples of Tensors (weights) are the graph's inputs; Python scalars, strings and
-    None are compile-time constants (a new value compiles a new graph). A leading Python
-    function (an activation) is bound into the graph, one graph per function: handed to ms.jit
-    as an argument it recompiled the graph on every call (*measured*: 27.6 s per sdxl-base text
-    encoding, one compile per layer)."""
-    if not jit_enabled():
-        return fn(*args)
-    bound = args[0] if args and inspect.isfunction(args[0]) else None
-    graph = _graphs.get((fn, bound))
-    if graph is None:
-        graph = _graphs[(fn, bound)] = ms.jit(fn if bound is None else _bind_first(fn, bound))
-    return graph(*(_as_input(a) for a in (args[1:] if bound is not None else args)))
+settings = ExecutionSettings()
+_runtime_ready = False
 
 
-def _bind_first(fn, first):
-    def bound(*rest):
-        return fn(first, *rest)
-    bound.__name__ = f"{fn.__name__}_{first.__name__}"  # MindSpore names (and warns) by it
-    return bound
+def init_runtime() -> None:
+    """On CPU: launch ops synchronously (*measured* on 2 cores, PyNative's asynchronous launch
+    queue spins against the compute threads and makes small ops 10-60x slower) and size the
+    kernel thread pool (*measured*: left unset, the Python thread computes beside the pool's
+    workers, 3 threads on 2 cores, ~1.7x the CPU time for the same MatMul)."""
+    global _runtime_ready
+    if _runtime_ready:
+        return
+    settings.read_env()  # a bad SDXL_MS_JIT / SDXL_MS_THREADS fails here, before any work
+    threads = settings.threads
+    if is_cpu():
+        ms.runtime.launch_blocking()
+        from mindspore.device_context.cpu.op_tuning import RuntimeConf
+
+        if threads and not RuntimeConf.get_instance().is_op_threads_num_configured():
+            ms.device_context.cpu.op_tuning.threads_num(threads)
+    _runtime_ready = True
 
 
-def _as_input(arg):
-    """Mark a (nested) tuple of Tensors mutable: ms.jit otherwise folds it into the graph as
-    constants (and compiles a new graph for every layer's weights)."""
-    return ms.mutable(arg) if isinstance(arg, tuple) and arg and _all_tensors(arg) else arg
-
-
-def _all_tensors(items) -> bool:
-    return all(_all_tensors(a) if isinstance(a, tuple) else isinstance(a, ms.Tensor)
-               for a in items)
+def jit_enabled() -> bool:
+    """Whether blocks run as shared compiled graphs ("blocks" mode)."""
+    return settings.jit == "blocks"

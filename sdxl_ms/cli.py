@@ -30,11 +30,24 @@ def cmd_inspect(args) -> int:
     from .weights.checkpoint import open_checkpoint
     from .weights.loader import diff_layout, expected_layout
 
+    from .errors import InputError
+    from .weights.loader import infer_preset
+
     ckpt = open_checkpoint(Path(args.path))
     n = sum(_numel(s) for s in ckpt.shapes.values())
     print(f"path: {ckpt.path}")
     print(f"format: {ckpt.format}")
     print(f"tensors: {len(ckpt.shapes)} ({n / 1e6:.2f}M values)")
+    try:
+        cfg = infer_preset(ckpt)
+    except InputError:
+        cfg = None
+    if cfg is not None and cfg.name not in PRESETS:
+        u = cfg.unet
+        print(f"preset: none; the layout matches the folder's own config.json files (UNet "
+              f"model_channels {u.model_channels}, channel_mult {list(u.channel_mult)}, "
+              f"transformer_depth {list(u.transformer_depth)})")
+        return 0
     best = None
     for name, cfg in PRESETS.items():
         d = diff_layout(expected_layout(cfg, ckpt.format), ckpt.shapes)

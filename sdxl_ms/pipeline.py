@@ -102,6 +102,18 @@ class SDXLPipeline:
         z = Tensor(np.asarray(latents, np.float32) / np.float32(self.cfg.vae.scale_factor))
         return _f32(self.model.first_stage_model.decode(z.astype(self.dtype)))
 
+    def guide(self, eps: np.ndarray, scale: float) -> np.ndarray:
+        """Classifier-free guidance of an uncond-first eps batch (the sampler's own CFG)."""
+        from .sampling import VanillaCFG
+
+        return VanillaCFG(float(scale)).combine(np.asarray(eps, np.float32))
+
+    def sample(self, run, eps: Callable, callback: Callable) -> np.ndarray:
+        """The port's sampler repeating a run (parity.contract.SamplingContract): its own
+        schedule for (run.sampler, run.steps, run.schedule), the run's noise, `eps` as the
+        network."""
+        return sample_with_builtin_sampler(run, eps, callback)
+
 
     # ---- text to image ----------------------------------------------------------------------
 
@@ -171,6 +183,21 @@ class SDXLPipeline:
         images = np.clip(self.decode(out) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         images = np.ascontiguousarray(images, dtype=np.float32)
         return to_pil(images) if output_type == "pil" else images
+
+
+def sample_with_builtin_sampler(run, eps: Callable, callback: Callable) -> np.ndarray:
+    """Run the built-in sampler for `run` (a parity.contract.SamplerRun): the grid it builds for
+    (run.sampler, run.steps, run.schedule), the run's initial and per-step noise, CFG at
+    run.guidance on `eps(x_in, t)` (uncond-first batch); `callback(i, latents)` per step."""
+    from .sampling import Denoiser, GivenNoise, GuidedDenoiser, VanillaCFG, make_sampler
+
+    plan = make_sampler(run.sampler, int(run.steps), run.schedule)
+    noise = GivenNoise(np.asarray(run.initial_noise, np.float32), list(run.step_noise))
+    denoise = GuidedDenoiser(lambda x_in, t, _cond: eps(x_in, t),
+                             Denoiser.for_schedule(plan.schedule), VanillaCFG(float(run.guidance)),
+                             cond={}, uncond={})
+    return plan(denoise, noise, np.shape(run.initial_noise),
+                callback=lambda i, x, denoised: callback(i, x))
 
 
 OUTPUT_TYPES = ("np", "pil", "latent")

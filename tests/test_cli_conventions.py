@@ -245,7 +245,7 @@ def test_report_says_what_ran(tmp_path, capsys):
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert meta["command"] == ("sdxl-parity check --golden " + str(GOLDEN) + " --out " + str(out)
                                + " --quiet --stages tokens,conditioner")
-    assert meta["execution"] == {"device_target": "CPU", "jit": "off", "conv": "native",
+    assert meta["execution"] == {"device_target": "CPU", "jit": "off",
                                  "threads": len(os.sched_getaffinity(0))}
     assert meta["port"]["class"] == "sdxl_ms.pipeline.SDXLPipeline"
     assert meta["port"]["mindspore"].startswith("2.10")

@@ -1,6 +1,5 @@
-"""Every execution path of the port against diffusers: the two convolution kernels of
-`backend.conv_impl()` and the three jit modes of `backend.set_jit` (PyNative, shared block
-graphs, whole-model graphs). The speed work must not move a result past fp32 rounding, so each
+"""Every execution path of the port against diffusers: the three jit modes of
+`backend.settings.set_jit` (PyNative, shared block graphs, whole-model graphs). The speed work must not move a result past fp32 rounding, so each
 path meets the same 1e-5 relative-L2 bound as the component-parity tests, on the tiny
 checkpoint, through the stage contract.
 """
@@ -44,19 +43,9 @@ def wanted(ref):
 
 
 @pytest.fixture
-def conv_kernel(monkeypatch):
-    """Select a convolution kernel for one test, restored afterwards."""
-    def select(name: str) -> None:
-        monkeypatch.setenv("SDXL_MS_CONV", name)
-        monkeypatch.setattr(layers._CONV_IMPL, "value", None)
-    yield select
-    layers._CONV_IMPL.value = None
-
-
-@pytest.fixture
 def jit():
-    yield backend.set_jit
-    backend.set_jit("off")
+    yield backend.settings.set_jit
+    backend.settings.set_jit("off")
 
 
 def check_stages(port, wanted):
@@ -68,17 +57,15 @@ def check_stages(port, wanted):
     assert rel_l2(port.decode(wanted["latents"]), wanted["decode"]) <= TOL
 
 
-@pytest.mark.parametrize("kernel", ["native", "im2col"])
-def test_conv_kernels_match_diffusers(port, wanted, conv_kernel, kernel):
-    conv_kernel(kernel)
-    assert backend.conv_impl() == kernel
+def test_pynative_matches_diffusers(port, wanted):
+    assert backend.settings.jit == "off"
     check_stages(port, wanted)
 
 
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 def test_jit_modes_match_diffusers(port, wanted, jit, mode):
     jit(mode)
-    assert backend.jit_mode() == mode
+    assert backend.settings.jit == mode
     check_stages(port, wanted)
     compiled = compile_count()
     check_stages(port, wanted)  # the second call runs the cached graphs: no compile
@@ -135,26 +122,34 @@ def test_model_graph_follows_a_patched_layer(port, wanted, jit):
 
 def test_jit_mode_names():
     for given, mode in [(False, "off"), (True, "blocks"), ("1", "blocks"), ("MODEL", "model")]:
-        backend.set_jit(given)
-        assert backend.jit_mode() == mode
-    backend.set_jit("off")
+        backend.settings.set_jit(given)
+        assert backend.settings.jit == mode
+    backend.settings.set_jit("off")
     with pytest.raises(ValueError, match="jit mode must be one of off, blocks, model"):
-        backend.set_jit("fast")
+        backend.settings.set_jit("fast")
 
 
 @pytest.mark.parametrize("variable, value, message", [
     ("SDXL_MS_THREADS", "two", "SDXL_MS_THREADS must be a whole number of threads, got 'two'"),
     ("SDXL_MS_JIT", "fast", "SDXL_MS_JIT: jit mode must be one of off, blocks, model, got 'fast'"),
-    ("SDXL_MS_CONV", "fast", "SDXL_MS_CONV must be one of auto, native, im2col, got 'fast'"),
 ])
 def test_bad_switch_values_name_the_variable(monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)
-    monkeypatch.setattr(backend, "_jit_mode", None)  # re-read SDXL_MS_JIT
-    read = {"SDXL_MS_THREADS": backend.cpu_threads, "SDXL_MS_JIT": backend.jit_mode,
-            "SDXL_MS_CONV": backend.conv_impl}[variable]
     with pytest.raises(ValueError) as err:
-        read()
+        backend.ExecutionSettings().read_env()
     assert str(err.value) == message
+
+
+def test_setters_override_the_environment(monkeypatch):
+    monkeypatch.setenv("SDXL_MS_JIT", "model")
+    monkeypatch.setenv("SDXL_MS_THREADS", "0")
+    fresh = backend.ExecutionSettings()
+    fresh.read_env()
+    assert (fresh.jit, fresh.threads) == ("model", None)
+    fresh.set_jit("blocks")
+    fresh.set_threads(1)
+    fresh.read_env()
+    assert (fresh.jit, fresh.threads) == ("blocks", 1)
 
 
 def numpy_attention(x, ctx, wq, wk, wv, heads, causal):

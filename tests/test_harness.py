@@ -137,12 +137,12 @@ def bug_cfg_uncond_cond_swapped(mp, port):
 def bug_same_padding_on_stride2_conv(mp, port):
     from sdxl_ms.models import unet
 
-    def construct(self, x):  # TF/MindSpore 'same' on stride 2 pads (0,1,0,1), not (1,1,1,1)
-        w = self.op.weight
-        y = ops.conv2d(ops.pad(x, (0, 1, 0, 1)), w, stride=2, pad_mode="valid")
-        return y + self.op.bias.reshape(1, -1, 1, 1)
+    def forward(self, p, x):  # TF/MindSpore 'same' on stride 2 pads (0,1,0,1), not (1,1,1,1)
+        op = p["op"]
+        y = ops.conv2d(ops.pad(x, (0, 1, 0, 1)), op["weight"], stride=2, pad_mode="valid")
+        return y + op["bias"].reshape(1, -1, 1, 1)
 
-    mp.setattr(unet.Downsample, "construct", construct)
+    mp.setattr(unet.Downsample, "forward", forward)
 
 
 # (bug, the first stage it touches)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from sdxl_ms.sampling import (DIFFUSERS_SCHEDULERS, SAMPLERS, Denoiser, GivenNoise, GuidedDenoiser,
-                              IdentityGuider, QuantizedTimesteps, SeededNoise, VanillaCFG,
-                              diffusers_scheduler_config, diffusers_scheduler_spec, make_sampler,
+from parity.schedulers import (DIFFUSERS_SCHEDULERS, diffusers_scheduler_config,
+                               diffusers_scheduler_spec)
+from sdxl_ms.sampling import (SAMPLERS, Denoiser, GivenNoise, GuidedDenoiser, IdentityGuider,
+                              QuantizedTimesteps, SeededNoise, VanillaCFG, make_sampler,
                               sampler_schedule, training_sigmas)
 from sdxl_ms.sampling.discretization import LogSigmaInterp, karras_schedule
 from sdxl_ms.sampling.samplers import lms_coefficient

@@ -12,15 +12,16 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VAEConfig
-from ..backend import run_graph, run_model
-from ..nn.layers import (Conv2d, GroupNorm, Upsample, attention_heads_t, conv2d, group_norm, silu,
-                         weights_of)
+from ..nn.layers import Conv2d, GroupNorm, Upsample, attention_heads_t, silu
+from ..nn.module import Module, Network, run_model
 
 GROUPNORM_EPS = 1e-6  # ldm `Normalize`; diffusers' VAE uses the same
 
 
-class ResnetBlock(nn.Cell):
+class ResnetBlock(Module):
     """norm-SiLU-conv3x3 twice, plus a 1x1 `nin_shortcut` when the width changes."""
+
+    graph_unit = True
 
     def __init__(self, cfg: VAEConfig, in_channels: int, out_channels: int, dtype):
         super().__init__()
@@ -31,25 +32,20 @@ class ResnetBlock(nn.Cell):
         self.nin_shortcut = (Conv2d(in_channels, out_channels, 1, dtype=dtype)
                              if in_channels != out_channels else None)
 
-    def construct(self, x):
-        params = [self.norm1.weight, self.norm1.bias, self.conv1.weight, self.conv1.bias,
-                  self.norm2.weight, self.norm2.bias, self.conv2.weight, self.conv2.bias]
+    def forward(self, p, x):
+        h = self.conv1(p, silu(self.norm1(p, x)))
+        h = self.conv2(p, silu(self.norm2(p, h)))
         if self.nin_shortcut is not None:
-            params += [self.nin_shortcut.weight, self.nin_shortcut.bias]
-        return run_graph(_resnet_block, x, weights_of(self, params),
-                         (self.norm1.num_groups, self.norm1.eps, self.norm2.num_groups,
-                          self.norm2.eps))
+            x = self.nin_shortcut(p, x)
+        return x + h
 
 
-def _resnet_block(x, w, norms):
-    """norms = (groups, eps) of norm1 and norm2."""
-    h = conv2d(silu(group_norm(x, norms[0], w[0], w[1], norms[1])), w[2], w[3], 1, 1)
-    h = conv2d(silu(group_norm(h, norms[2], w[4], w[5], norms[3])), w[6], w[7], 1, 1)
-    return (conv2d(x, w[8], w[9]) if len(w) == 10 else x) + h
+class AttnBlock(Module):
+    """Single-head self-attention over the H*W positions; q/k/v/proj_out are 1x1 convs. In NCHW
+    each image's q, k and v are already (C, HW), the transposed layout `attention_heads_t`
+    takes, so nothing is transposed."""
 
-
-class AttnBlock(nn.Cell):
-    """Single-head self-attention over the H*W positions; q/k/v/proj_out are 1x1 convs."""
+    graph_unit = True
 
     def __init__(self, cfg: VAEConfig, channels: int, dtype):
         super().__init__()
@@ -59,36 +55,28 @@ class AttnBlock(nn.Cell):
         self.v = Conv2d(channels, channels, 1, dtype=dtype)
         self.proj_out = Conv2d(channels, channels, 1, dtype=dtype)
 
-    def construct(self, x):
-        params = [self.norm.weight, self.norm.bias]
-        for conv in (self.q, self.k, self.v, self.proj_out):
-            params += [conv.weight, conv.bias]
-        return run_graph(_attn_block, x, weights_of(self, params),
-                         (self.norm.num_groups, self.norm.eps))
+    def forward(self, p, x):
+        b, c, h, w = x.shape
+        n = self.norm(p, x)
+        q = self.q(p, n).reshape(b, c, h * w)
+        k = self.k(p, n).reshape(b, c, h * w)
+        v = self.v(p, n).reshape(b, c, h * w)
+        out = ops.stack([attention_heads_t(q[i], k[i], v[i], 1) for i in range(b)])
+        return x + self.proj_out(p, out.reshape(b, c, h, w))
 
 
-def _attn_block(x, w, norm):
-    """Single-head attention over H*W. In NCHW each image's q, k, v are already (C, HW): the
-    transposed layout of `attention_heads_t`, so nothing is transposed."""
-    b, c, h, wd = x.shape
-    n = group_norm(x, norm[0], w[0], w[1], norm[1])
-    q, k, v = (conv2d(n, w[i], w[i + 1]).reshape(b, c, h * wd) for i in (2, 4, 6))
-    out = ops.stack([attention_heads_t(q[i], k[i], v[i], 1) for i in range(b)])
-    return x + conv2d(out.reshape(b, c, h, wd), w[8], w[9])
-
-
-class Downsample(nn.Cell):
+class Downsample(Module):
     """Pad right/bottom by one, then a stride-2 3x3 conv without padding (ldm's asymmetric pad)."""
 
     def __init__(self, channels: int, dtype):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, dtype=dtype)
 
-    def construct(self, x):
-        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+    def forward(self, p, x):
+        return self.conv(p, ops.pad(x, (0, 1, 0, 1)))
 
 
-class Level(nn.Cell):
+class Level(Module):
     """One resolution of the encoder (`down.{i}`) or decoder (`up.{i}`): res blocks + resampler."""
 
     def __init__(self, blocks: List[ResnetBlock], resample_name: str = "", resample=None):
@@ -98,26 +86,28 @@ class Level(nn.Cell):
         if resample is not None:
             setattr(self, resample_name, resample)  # `downsample` / `upsample`, as sgm names it
 
-    def construct(self, x):
+    def forward(self, p, x):
         for blk in self.block:
-            x = blk(x)
+            x = blk(p, x)
         if self.resample_name:
-            x = getattr(self, self.resample_name)(x)
+            x = getattr(self, self.resample_name)(p, x)
         return x
 
 
-class MidBlock(nn.Cell):
+class MidBlock(Module):
     def __init__(self, cfg: VAEConfig, channels: int, dtype):
         super().__init__()
         self.block_1 = ResnetBlock(cfg, channels, channels, dtype)
         self.attn_1 = AttnBlock(cfg, channels, dtype)
         self.block_2 = ResnetBlock(cfg, channels, channels, dtype)
 
-    def construct(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, p, x):
+        x = self.block_1(p, x)
+        x = self.attn_1(p, x)
+        return self.block_2(p, x)
 
 
-class Encoder(nn.Cell):
+class Encoder(Module):
     """Image (B, 3, H, W) -> moments (B, 2*z, H/f, W/f) before `quant_conv`."""
 
     def __init__(self, cfg: VAEConfig, dtype):
@@ -139,15 +129,15 @@ class Encoder(nn.Cell):
         self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS, dtype)
         self.conv_out = Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1, dtype=dtype)
 
-    def construct(self, x):
-        h = self.conv_in(x)
+    def forward(self, p, x):
+        h = self.conv_in(p, x)
         for level in self.down:
-            h = level(h)
-        h = self.mid(h)
-        return self.conv_out(silu(self.norm_out(h)))
+            h = level(p, h)
+        h = self.mid(p, h)
+        return self.conv_out(p, silu(self.norm_out(p, h)))
 
 
-class Decoder(nn.Cell):
+class Decoder(Module):
     """Latent (B, z, h, w) -> image (B, 3, h*f, w*f). `up[i]` is level i, run from the deepest."""
 
     def __init__(self, cfg: VAEConfig, dtype):
@@ -169,14 +159,14 @@ class Decoder(nn.Cell):
         self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS, dtype)
         self.conv_out = Conv2d(block_in, cfg.out_ch, 3, padding=1, dtype=dtype)
 
-    def construct(self, z):
-        h = self.mid(self.conv_in(z))
+    def forward(self, p, z):
+        h = self.mid(p, self.conv_in(p, z))
         for i in range(len(self.up) - 1, -1, -1):
-            h = self.up[i](h)
-        return self.conv_out(silu(self.norm_out(h)))
+            h = self.up[i](p, h)
+        return self.conv_out(p, silu(self.norm_out(p, h)))
 
 
-class AutoencoderKL(nn.Cell):
+class AutoencoderKL(Network):
     """sgm `AutoencoderKL` for inference: `encode` gives the Gaussian moments, `decode` the image.
 
     The latent scale factor (`cfg.scale_factor`, 0.13025 for SDXL) is the caller's business:
@@ -196,7 +186,8 @@ class AutoencoderKL(nn.Cell):
         return run_model(self, self._encode, x)
 
     def _encode(self, x):
-        return self.quant_conv(self.encoder(x.astype(self.dtype)))
+        p = self  # the network's own weights (sdxl_ms.nn.module)
+        return self.quant_conv(p, self.encoder(p, x.astype(self.dtype)))
 
     def encode_mean(self, x):
         return self.encode(x)[:, :self.cfg.z_channels]
@@ -206,7 +197,8 @@ class AutoencoderKL(nn.Cell):
         return run_model(self, self._decode, z)
 
     def _decode(self, z):
-        return self.decoder(self.post_quant_conv(z.astype(self.dtype)))
+        p = self  # the network's own weights (sdxl_ms.nn.module)
+        return self.decoder(p, self.post_quant_conv(p, z.astype(self.dtype)))
 
     def construct(self, z):
         return self.decode(z)

@@ -2,8 +2,8 @@
 
 sgm wraps a `transformers.CLIPTextModel`, so the checkpoint keeps Hugging Face names under
 `conditioner.embedders.0.transformer.`; this module tree reproduces them (including the
-k, v, q, out projection order of the state dict). The helpers at the top (causal mask, EOS
-pooling, activation by name) are shared with the OpenCLIP tower.
+k, v, q, out projection order of the state dict). The helpers at the top (EOS pooling,
+activation by name) are shared with the OpenCLIP tower.
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
-from ..backend import run_graph, run_model
-from ..nn.layers import (Embedding, LayerNorm, Linear, attention_t, gelu, layer_norm,
-                         linear, linear_from_t, quick_gelu, weights_of)
+from ..nn.layers import Embedding, LayerNorm, Linear, attention_t, gelu, quick_gelu
+from ..nn.module import Module, Network, run_model
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
@@ -47,8 +46,9 @@ def gather_rows(x: Tensor, positions: Tensor) -> Tensor:
     return ops.gather(x.reshape(b * length, width), flat, 0)
 
 
-class CLIPAttention(nn.Cell):
-    """Weights only: the layer's forward is `_clip_layer`."""
+class CLIPAttention(Module):
+    """Causal multi-head self-attention of row-major tokens (B*L, W). The heads' outputs come
+    out transposed, so `out_proj` applies without a copy (`Linear.from_transposed`)."""
 
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
@@ -60,9 +60,15 @@ class CLIPAttention(nn.Cell):
         self.q_proj = Linear(w, w, dtype=dtype)
         self.out_proj = Linear(w, w, dtype=dtype)
 
+    def forward(self, p, x, batch: int):
+        q, k, v = p["q_proj"], p["k_proj"], p["v_proj"]
+        heads_t = attention_t(x, None, batch, self.heads, q["weight"], k["weight"], v["weight"],
+                              q["bias"], k["bias"], v["bias"], causal=True)
+        return self.out_proj.from_transposed(p, heads_t)
 
-class CLIPMLP(nn.Cell):
-    """Weights and activation only: the forward is `mlp`."""
+
+class CLIPMLP(Module):
+    """fc2(act(fc1(x))); `act` is QuickGELU for CLIP-L."""
 
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
@@ -70,69 +76,77 @@ class CLIPMLP(nn.Cell):
         self.fc1 = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
         self.fc2 = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
 
+    def forward(self, p, x):
+        return self.fc2(p, self.act(self.fc1(p, x)))
 
-class CLIPEncoderLayer(nn.Cell):
+
+class CLIPEncoderLayer(Module):
+    """Pre-LayerNorm transformer layer on row-major tokens (B*L, W): causal self-attention,
+    then the MLP, each residual. One shared graph per structure in "blocks" mode."""
+
+    graph_unit = True
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
-        self.cfg = cfg
         self.self_attn = CLIPAttention(cfg, dtype)
         self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = CLIPMLP(cfg, dtype)
         self.layer_norm2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
 
-    def run_tokens(self, x, batch: int):
-        """The layer with causal self-attention on row-major tokens x (B*L, W): one graph in
-        jit "blocks" mode."""
-        a, m = self.self_attn, self.mlp
-        w = weights_of(self, [self.layer_norm1.weight, self.layer_norm1.bias,
-                              a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                              a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
-                              a.out_proj.weight, a.out_proj.bias,
-                              self.layer_norm2.weight, self.layer_norm2.bias,
-                              m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias])
-        return run_graph(_clip_layer, m.act, x, w, batch, self.cfg.heads,
-                         (self.layer_norm1.eps, self.layer_norm2.eps))
+    def forward(self, p, x, batch: int):
+        x = self.self_attn(p, self.layer_norm1(p, x), batch) + x
+        return self.mlp(p, self.layer_norm2(p, x)) + x
 
 
-def _clip_layer(act, x, w, batch: int, heads: int, eps):
-    """Pre-LayerNorm transformer layer, causal self-attention, MLP; x (B*L, W) row-major."""
-    h = layer_norm(x, w[0], w[1], eps[0])
-    x = linear_from_t(attention_t(h, None, batch, heads, w[2], w[3], w[4], w[5], w[6], w[7],
-                                  causal=True), w[8], w[9]) + x
-    return mlp(layer_norm(x, w[10], w[11], eps[1]), w[12:16], act) + x
-
-
-def mlp(x, w, act):
-    """fc2(act(fc1(x))) on row-major tokens, w = (fc1 weight, bias, fc2 weight, bias)."""
-    return linear(act(linear(x, w[0], w[1])), w[2], w[3])
-
-
-class CLIPTextEmbeddings(nn.Cell):
+class CLIPTextEmbeddings(Module):
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         self.token_embedding = Embedding(cfg.vocab_size, cfg.width, dtype=dtype)
         self.position_embedding = Embedding(cfg.max_length, cfg.width, dtype=dtype)
 
-    def construct(self, ids):
+    def forward(self, p, ids):
         length = ids.shape[-1]
-        return self.token_embedding(ids) + self.position_embedding.weight[:length]
+        return (self.token_embedding(p, ids)
+                + p["position_embedding"]["weight"][:length])
 
 
-class CLIPEncoder(nn.Cell):
+class CLIPEncoder(Module):
+    """The layers [first, last) on row-major tokens (B*L, W)."""
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype) for _ in range(cfg.layers)])
 
+    def forward(self, p, x, batch: int, first: int, last: int):
+        for i in range(first, last):
+            x = self.layers[i](p, x, batch)
+        return x
 
-class CLIPTextTransformer(nn.Cell):
+
+class CLIPTextTransformer(Module):
+    """Embeddings, encoder layers, final LayerNorm (`text_model` in Hugging Face's names).
+    Returns the penultimate hidden state (no final norm) and the normed last one, (B, L, W)."""
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
+        self.cfg = cfg
         self.embeddings = CLIPTextEmbeddings(cfg, dtype)
         self.encoder = CLIPEncoder(cfg, dtype)
         self.final_layer_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
 
+    def forward(self, p, ids, with_last: bool = True):
+        b, length = ids.shape
+        n = self.cfg.layers
+        x = self.embeddings(p, ids).reshape(b * length, -1)
+        pen = self.encoder(p, x, b, 0, n - 1)
+        if not with_last:
+            return pen.reshape(b, length, -1), None
+        last = self.encoder(p, pen, b, n - 1, n)
+        last = self.final_layer_norm(p, last)
+        return pen.reshape(b, length, -1), last.reshape(b, length, -1)
 
-class CLIPTextModel(nn.Cell):
+
+class CLIPTextModel(Network):
     """`transformers.CLIPTextModel` with parameter names under `text_model.`.
 
     `construct(ids)` returns (penultimate, last_hidden_state, pooled):
@@ -146,32 +160,18 @@ class CLIPTextModel(nn.Cell):
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg, dtype)
 
-    def _tokens(self, ids, first: int, last: int, x=None):
-        """Row-major hidden states (B*L, W) after layers [first, last) (from the embeddings
-        when x is None)."""
-        b = ids.shape[0]
-        if x is None:
-            x = self.text_model.embeddings(ids)
-            x = x.reshape(-1, x.shape[-1])
-        layers = self.text_model.encoder.layers
-        for i in range(first, last):
-            x = layers[i].run_tokens(x, b)
-        return x
-
     def penultimate(self, ids) -> Tensor:
         """Only the (B, L, W) penultimate hidden state: skips the last layer's work."""
         return run_model(self, self._penultimate, as_ids(ids))
 
     def _penultimate(self, ids):
-        x = self._tokens(ids, 0, self.cfg.layers - 1)
-        return x.reshape(ids.shape[0], ids.shape[1], -1)
+        p = self  # the weights are the model's own (see sdxl_ms.nn.module)
+        return self.text_model(p, ids, False)[0]
 
     def construct(self, ids) -> Tuple[Tensor, Tensor, Tensor]:
-        return run_model(self, self._forward, as_ids(ids))
+        return run_model(self, self.forward, as_ids(ids))
 
-    def _forward(self, ids):
-        b, length = ids.shape
-        pen = self._tokens(ids, 0, self.cfg.layers - 1)
-        last = self.text_model.final_layer_norm(
-            self._tokens(ids, self.cfg.layers - 1, self.cfg.layers, pen)).reshape(b, length, -1)
-        return pen.reshape(b, length, -1), last, gather_rows(last, eos_positions(ids))
+    def forward(self, ids):
+        p = self
+        pen, last = self.text_model(p, ids)
+        return pen, last, gather_rows(last, eos_positions(ids))

@@ -13,15 +13,15 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
-from ..backend import run_graph, run_model
-from ..nn.layers import (Embedding, LayerNorm, Linear, attend_t, layer_norm,
-                         linear_from_t, linear_t, new_parameter, weights_of)
-from .clip_text import ACTIVATIONS, as_ids, eos_positions, gather_rows, mlp
+from ..nn.layers import Embedding, LayerNorm, Linear, attend_t, linear_t, new_parameter
+from ..nn.module import Module, Network, run_model
+from .clip_text import ACTIVATIONS, as_ids, eos_positions, gather_rows
 
 
-class MultiheadAttention(nn.Cell):
-    """torch.nn.MultiheadAttention's parameter layout: one (3W, W) input projection. Weights
-    only: the forward is `_open_clip_block`."""
+class MultiheadAttention(Module):
+    """torch.nn.MultiheadAttention's parameter layout: one (3W, W) input projection. Causal
+    self-attention of row-major tokens (B*L, W); the projection runs transposed, so q, k and v
+    are row blocks of one GEMM's output."""
 
     def __init__(self, width: int, heads: int, dtype):
         super().__init__()
@@ -30,9 +30,15 @@ class MultiheadAttention(nn.Cell):
         self.in_proj_bias = new_parameter((3 * width,), dtype)
         self.out_proj = Linear(width, width, dtype=dtype)
 
+    def forward(self, p, x, batch: int):
+        w = self.width
+        qkv = linear_t(x, p["in_proj_weight"], p["in_proj_bias"])
+        heads_t = attend_t(qkv[:w], qkv[w:2 * w], qkv[2 * w:], batch, self.heads, causal=True)
+        return self.out_proj.from_transposed(p, heads_t)
 
-class MLP(nn.Cell):
-    """Weights and activation only: the forward is `clip_text.mlp`."""
+
+class MLP(Module):
+    """c_proj(act(c_fc(x))); `act` is erf GELU for bigG."""
 
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
@@ -40,45 +46,43 @@ class MLP(nn.Cell):
         self.c_fc = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
         self.c_proj = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
 
+    def forward(self, p, x):
+        return self.c_proj(p, self.act(self.c_fc(p, x)))
 
-class ResidualAttentionBlock(nn.Cell):
+
+class ResidualAttentionBlock(Module):
+    """ln_1, causal self-attention, ln_2, MLP, each residual, on row-major tokens (B*L, W).
+    One shared graph per structure in "blocks" mode."""
+
+    graph_unit = True
+
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
-        self.cfg = cfg
         self.ln_1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.attn = MultiheadAttention(cfg.width, cfg.heads, dtype)
         self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def run_tokens(self, x, batch: int):
-        """The block with causal self-attention on row-major tokens x (B*L, W): one graph in
-        jit "blocks" mode."""
-        a, m = self.attn, self.mlp
-        w = weights_of(self, [self.ln_1.weight, self.ln_1.bias, a.in_proj_weight, a.in_proj_bias,
-                              a.out_proj.weight, a.out_proj.bias, self.ln_2.weight, self.ln_2.bias,
-                              m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias])
-        return run_graph(_open_clip_block, m.act, x, w, batch, self.cfg.heads,
-                         (self.ln_1.eps, self.ln_2.eps))
+    def forward(self, p, x, batch: int):
+        x = self.attn(p, self.ln_1(p, x), batch) + x
+        return self.mlp(p, self.ln_2(p, x)) + x
 
 
-def _open_clip_block(act, x, w, batch: int, heads: int, eps):
-    """ln_1, causal self-attention with the fused (3W, W) input projection, ln_2, MLP. The
-    projection runs transposed, so q, k and v are row blocks of one GEMM's output."""
-    width = x.shape[1]
-    qkv = linear_t(layer_norm(x, w[0], w[1], eps[0]), w[2], w[3])
-    out_t = attend_t(qkv[:width], qkv[width:2 * width], qkv[2 * width:], batch, heads, causal=True)
-    x = linear_from_t(out_t, w[4], w[5]) + x
-    return mlp(layer_norm(x, w[6], w[7], eps[1]), w[8:12], act) + x
+class Transformer(Module):
+    """The residual blocks [first, last) on row-major tokens (B*L, W)."""
 
-
-class Transformer(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, dtype):
         super().__init__()
         self.resblocks = nn.CellList([ResidualAttentionBlock(cfg, dtype)
                                       for _ in range(cfg.layers)])
 
+    def forward(self, p, x, batch: int, first: int, last: int):
+        for i in range(first, last):
+            x = self.resblocks[i](p, x, batch)
+        return x
 
-class OpenCLIPTextModel(nn.Cell):
+
+class OpenCLIPTextModel(Network):
     """open_clip's CLIP text tower (the visual tower dropped, as sgm does).
 
     `construct(ids)` returns (penultimate, pooled): penultimate is the input of the last block,
@@ -99,16 +103,17 @@ class OpenCLIPTextModel(nn.Cell):
         self.logit_scale = new_parameter((), dtype)  # contrastive temperature, unused for SDXL
 
     def construct(self, ids) -> Tuple[Tensor, Tensor]:
-        return run_model(self, self._forward, as_ids(ids))
+        return run_model(self, self.forward, as_ids(ids))
 
-    def _forward(self, ids):
+    def forward(self, ids):
+        p = self  # the weights are the model's own (see sdxl_ms.nn.module)
         b, length = ids.shape
-        x = self.token_embedding(ids) + self.positional_embedding[:length]
+        n = self.cfg.layers
+        x = self.token_embedding(p, ids) + p["positional_embedding"][:length]
         x = x.reshape(b * length, -1)
-        blocks = self.transformer.resblocks
-        for i in range(self.cfg.layers - 1):
-            x = blocks[i].run_tokens(x, b)
+        x = self.transformer(p, x, b, 0, n - 1)
         penultimate = x.reshape(b, length, -1)
-        last = self.ln_final(blocks[self.cfg.layers - 1].run_tokens(x, b)).reshape(b, length, -1)
-        pooled = ops.matmul(gather_rows(last, eos_positions(ids)), self.text_projection)
+        last = self.ln_final(p, self.transformer(p, x, b, n - 1, n))
+        last = last.reshape(b, length, -1)
+        pooled = ops.matmul(gather_rows(last, eos_positions(ids)), p["text_projection"])
         return penultimate, pooled

@@ -16,7 +16,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..backend import conv_impl, jit_enabled
+from .module import Module
 
 
 def new_parameter(shape, dtype) -> Parameter:
@@ -27,11 +27,18 @@ def new_parameter(shape, dtype) -> Parameter:
 # backend a transposed or sliced *view* is made contiguous by a copy that runs at ~25 ns per
 # element (*measured*: as slow as the GEMM it feeds), so layouts are chosen such that every
 # transpose lands in a MatMul flag and every slice is a contiguous block of leading-axis rows.
-_MM = ops.MatMul()
 _MM_NT = ops.MatMul(transpose_b=True)  # a @ b.T
 _MM_TT = ops.MatMul(transpose_a=True, transpose_b=True)  # a.T @ b.T
 _BMM_TN = ops.BatchMatMul(transpose_a=True)
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
+
+
+def add_channel_bias_per_image(x, bias):
+    """x (B, C, H, W) plus bias (B, C) over H and W (sgm: `h + emb_out[..., None, None]`), as
+    one BiasAdd over the (1, B*C, H, W) view: *measured* a broadcasting `+` is ~10-40x slower
+    on CPU."""
+    b, c, h, w = x.shape
+    return ops.bias_add(x.reshape(1, b * c, h, w), bias.reshape(-1)).reshape(b, c, h, w)
 
 
 def add_rows(y, bias):
@@ -62,8 +69,9 @@ def linear_from_t(y_t, weight, bias=None):
     return y if bias is None else ops.bias_add(y, bias)
 
 
-class Linear(nn.Cell):
-    """y = x W^T + b, W stored (out, in) as in PyTorch."""
+class Linear(Module):
+    """y = x W^T + b, W stored (out, in) as in PyTorch. Besides the plain forward it offers the
+    transposed layouts the attention and feed-forward blocks chain without copies."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype=ms.float32):
@@ -72,13 +80,45 @@ class Linear(nn.Cell):
         self.weight = new_parameter((out_features, in_features), dtype)
         self.bias = new_parameter((out_features,), dtype) if bias else None
 
-    def construct(self, x):
+    def forward(self, p, x):
         lead = x.shape[:-1]
-        y = linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        y = linear(x.reshape(-1, self.in_features), p["weight"], self.optional(p, "bias"))
         return y.reshape(lead + (self.out_features,))
 
+    # The layouts below are entry points beside the plain call: like `__call__`, each takes the
+    # parent's weights and looks its own up.
 
-class Conv2d(nn.Cell):
+    def transposed_out(self, p, x2d):
+        """Row-major tokens (N, in) -> the transposed output (out, N)."""
+        p = p[self.key]
+        return linear_t(x2d, p["weight"], self.optional(p, "bias"))
+
+    def from_transposed(self, p, y_t):
+        """Transposed activations (in, N) -> row-major tokens (N, out)."""
+        p = p[self.key]
+        return linear_from_t(y_t, p["weight"], self.optional(p, "bias"))
+
+    def from_channels_first(self, p, x):
+        """An NCHW map (B, in, H, W) -> row-major tokens (B*H*W, out). Each image's (in, HW)
+        block is the transposed layout, so the transpose is a MatMul flag, image by image."""
+        p = p[self.key]
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        tokens = ops.cat([linear_from_t(flat[i], p["weight"]) for i in range(b)], axis=0)
+        return tokens if self.bias is None else ops.bias_add(tokens, p["bias"])
+
+    def to_channels_first(self, p, tokens, shape):
+        """Row-major tokens (B*H*W, in) -> an NCHW map of `shape` (B, out, H, W), the
+        transpose again a MatMul flag."""
+        p = p[self.key]
+        b, length = shape[0], shape[2] * shape[3]
+        y = ops.stack([linear_t(tokens[i * length:(i + 1) * length], p["weight"])
+                       for i in range(b)])
+        y = y if self.bias is None else ops.bias_add(y, p["bias"])
+        return y.reshape(shape)
+
+
+class Conv2d(Module):
     """NCHW convolution with symmetric zero padding, PyTorch weight layout (O, I, kh, kw)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -89,69 +129,13 @@ class Conv2d(nn.Cell):
         self.weight = new_parameter((out_channels, in_channels, kernel_size, kernel_size), dtype)
         self.bias = new_parameter((out_channels,), dtype) if bias else None
 
-    def construct(self, x):
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, p, x):
+        return conv2d(x, p["weight"], self.optional(p, "bias"), self.stride, self.padding)
 
 
 def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0):
-    """NCHW convolution (PyTorch weight layout) plus `bias`: an (O,) vector, a (B*O,) one (one
-    bias per image and channel, e.g. the ResBlock's conv bias + time embedding) or None.
-    The kernel is `backend.conv_impl()`'s."""
-    b, o = x.shape[0], weight.shape[0]
-    per_image = bias is not None and bias.shape[0] != o
-    channel_bias = None if per_image else bias
-    if _CONV_IMPL.get() == "native":
-        y = ops.conv2d(x, weight, channel_bias, stride=stride, pad_mode="pad", padding=padding)
-    else:
-        if weight.shape[2] == 1 and stride == 1 and padding == 0:
-            y = _conv1x1(x, weight)
-        else:
-            y = _conv_im2col(x, weight, stride, padding)
-        if channel_bias is not None:
-            y = ops.bias_add(y, channel_bias)
-    if not per_image:
-        return y
-    h, w = y.shape[2], y.shape[3]
-    return ops.bias_add(y.reshape(1, b * o, h, w), bias).reshape(b, o, h, w)
-
-
-class _Resolved:
-    """`backend.conv_impl()` read once, so graph mode sees a constant."""
-
-    def __init__(self):
-        self.value = None
-
-    def get(self):
-        if self.value is None:
-            self.value = conv_impl()
-        return self.value
-
-
-_CONV_IMPL = _Resolved()
-
-
-def _per_image_matmul(w2d, cols):
-    """w2d (O, K) @ cols[i] (K, L) for each image: 2-D MatMuls (*measured* faster than the
-    broadcasting batched matmul, which copies the weight per image)."""
-    if cols.shape[0] == 1:
-        return _MM(w2d, cols[0]).reshape((1,) + w2d.shape[:1] + cols.shape[2:])
-    return ops.stack([_MM(w2d, cols[i]) for i in range(cols.shape[0])])
-
-
-def _conv1x1(x, weight):
-    b, c, h, w = x.shape
-    out = _per_image_matmul(weight.reshape(weight.shape[0], c), x.reshape(b, c, h * w))
-    return out.reshape(b, weight.shape[0], h, w)
-
-
-def _conv_im2col(x, weight, stride: int, padding: int):
-    """Convolution as the Im2Col kernel (unfold) plus one MatMul per image."""
-    o, c, kh, kw = weight.shape
-    b, _, h, w = x.shape
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    cols = ops.unfold(x, (kh, kw), dilation=1, padding=padding, stride=stride)  # (B, C*kh*kw, L)
-    out = _per_image_matmul(weight.reshape(o, c * kh * kw), cols)
-    return out.reshape(b, o, ho, wo)
+    """NCHW convolution, PyTorch weight layout (O, I, kh, kw), symmetric zero padding."""
+    return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
 
 
 def group_norm(x, groups: int, weight, bias, eps: float):
@@ -179,7 +163,7 @@ def layer_norm(x, weight, bias, eps: float):
     return y.astype(x.dtype)
 
 
-class GroupNorm(nn.Cell):
+class GroupNorm(Module):
     """GroupNorm computed in float32 whatever the parameter dtype."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, dtype=ms.float32):
@@ -190,11 +174,11 @@ class GroupNorm(nn.Cell):
         self.weight = new_parameter((num_channels,), dtype)
         self.bias = new_parameter((num_channels,), dtype)
 
-    def construct(self, x):
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    def forward(self, p, x):
+        return group_norm(x, self.num_groups, p["weight"], p["bias"], self.eps)
 
 
-class LayerNorm(nn.Cell):
+class LayerNorm(Module):
     """LayerNorm over the last axis, computed in float32."""
 
     def __init__(self, dim: int, eps: float, dtype=ms.float32):
@@ -203,36 +187,17 @@ class LayerNorm(nn.Cell):
         self.weight = new_parameter((dim,), dtype)
         self.bias = new_parameter((dim,), dtype)
 
-    def construct(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, p, x):
+        return layer_norm(x, p["weight"], p["bias"], self.eps)
 
 
-def weights_of(cell: nn.Cell, params) -> tuple:
-    """The weights a block function takes: the Parameters themselves in PyNative, plain-Tensor
-    views of them (`tensors`) when blocks run as compiled graphs."""
-    return tensors(cell, params) if jit_enabled() else tuple(params)
-
-
-def tensors(cell: nn.Cell, params) -> tuple:
-    """Plain-Tensor views of `params` (Parameters of `cell`, or None), to hand to a graph
-    function: a graph compiled for one layer then serves every layer with the same shapes
-    (*measured*: Parameters as ms.jit arguments key a fresh ~1 s compile per layer). Cached on
-    the cell until a Parameter's storage changes (set_data replaces it)."""
-    key = tuple(0 if p is None else p.data_ptr() for p in params)
-    cached = cell.__dict__.get("_sdxl_tensor_views")
-    if cached is None or cached[0] != key:
-        cached = (key, tuple(None if p is None else Tensor(p) for p in params))
-        object.__setattr__(cell, "_sdxl_tensor_views", cached)
-    return cached[1]
-
-
-class Embedding(nn.Cell):
+class Embedding(Module):
     def __init__(self, num_embeddings: int, dim: int, dtype=ms.float32):
         super().__init__()
         self.weight = new_parameter((num_embeddings, dim), dtype)
 
-    def construct(self, ids):
-        return ops.gather(self.weight, ids.astype(ms.int32), 0)
+    def forward(self, p, ids):
+        return ops.gather(p["weight"], ids.astype(ms.int32), 0)
 
 
 def silu(x):
@@ -240,15 +205,17 @@ def silu(x):
     return ops.silu(x)
 
 
-class SiLU(nn.Cell):
-    """Parameter-free cell, so sgm's Sequential indices (e.g. `out.2`) line up."""
+class SiLU(Module):
+    """Parameter-free module, so sgm's Sequential indices (e.g. `out.2`) line up."""
 
-    def construct(self, x):
+    def forward(self, p, x):
         return silu(x)
 
 
-class Identity(nn.Cell):
-    def construct(self, x):
+class Identity(Module):
+    """Parameter-free pass-through (sgm's dropout slots, an unchanged-width skip)."""
+
+    def forward(self, p, x):
         return x
 
 
@@ -258,15 +225,15 @@ def upsample_nearest2x(x):
     return ops.repeat_interleave(ops.repeat_interleave(x, 2, 3), 2, 2)
 
 
-class Upsample(nn.Cell):
+class Upsample(Module):
     """Nearest 2x then a 3x3 conv named `conv`: the same block in sgm's UNet and VAE."""
 
     def __init__(self, channels: int, dtype=ms.float32):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
 
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
+    def forward(self, p, x):
+        return self.conv(p, upsample_nearest2x(x))
 
 
 def gelu(x):

@@ -25,16 +25,15 @@ from .discretization import (LogSigmaInterp, QuantizedTimesteps, Schedule, karra
                              sgm_schedule, spaced_schedule, training_sigmas)
 from .guiders import GuidedDenoiser, IdentityGuider, VanillaCFG
 from .noise import GivenNoise, NoiseSource, SeededNoise
-from .samplers import (DIFFUSERS_SCHEDULERS, SAMPLERS, DPMPP2MSampler, DPMPP2SAncestralSampler,
-                       EulerAncestralSampler, EulerEDMSampler, HeunEDMSampler, LinearMultistepSampler,
-                       SamplingPlan, check_sampler, diffusers_scheduler_config, diffusers_scheduler_spec, make_sampler,
-                       sampler_schedule)
+from .samplers import (SAMPLERS, DPMPP2MSampler, DPMPP2SAncestralSampler, EulerAncestralSampler,
+                       EulerEDMSampler, HeunEDMSampler, LinearMultistepSampler, SamplingPlan,
+                       check_sampler, make_sampler, sampler_schedule)
 
 __all__ = [
     "Denoiser", "EpsScaling", "LogSigmaInterp", "QuantizedTimesteps", "Schedule", "karras_schedule",
     "make_schedule", "sgm_schedule", "spaced_schedule", "training_sigmas", "GuidedDenoiser",
-    "IdentityGuider", "VanillaCFG", "GivenNoise", "NoiseSource", "SeededNoise", "DIFFUSERS_SCHEDULERS",
+    "IdentityGuider", "VanillaCFG", "GivenNoise", "NoiseSource", "SeededNoise",
     "SAMPLERS", "DPMPP2MSampler", "DPMPP2SAncestralSampler", "EulerAncestralSampler", "EulerEDMSampler",
-    "HeunEDMSampler", "LinearMultistepSampler", "SamplingPlan", "check_sampler", "diffusers_scheduler_config",
-    "diffusers_scheduler_spec", "make_sampler", "sampler_schedule",
+    "HeunEDMSampler", "LinearMultistepSampler", "SamplingPlan", "check_sampler", "make_sampler",
+    "sampler_schedule",
 ]

@@ -19,7 +19,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..validate import check_choice
-from ..weights.diffusers_configs import SDXL_SCHEDULER_CONFIG
 from .discretization import SCHEDULE_OPTIONS, SCHEDULES, Schedule, make_schedule
 from .noise import NoiseSource
 
@@ -306,14 +305,6 @@ SAMPLERS = {
     "lms": LinearMultistepSampler,
 }
 
-DIFFUSERS_SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
-
 # sampler -> (diffusers timestep grid family, where karras takes its default sigma range).
 # EulerAncestral and DPM++(2S) have no karras option in diffusers: training range (k-diffusion).
 _GRIDS = {
@@ -374,33 +365,3 @@ def make_sampler(name: str, num_steps: int, schedule: str = "leading", **options
     sched = sampler_schedule(name, num_steps, schedule,
                              **{k: v for k, v in options.items() if k not in sampler_fields})
     return SamplingPlan(name, sampler, sched)
-
-
-def diffusers_scheduler_spec(name: str, schedule: str = "leading", final_sigma: str = "zero",
-                             karras_spacing: str = "leading") -> Tuple[str, Dict]:
-    """(diffusers scheduler class name, config overrides on SDXL's) matching (name, schedule)."""
-    check_sampler(name, schedule)
-    if name not in DIFFUSERS_SCHEDULERS:
-        raise InputError(f"sampler {name!r} has no diffusers scheduler to compare with; those "
-                         f"that do: {', '.join(DIFFUSERS_SCHEDULERS)}")
-    if schedule == "sgm":
-        raise InputError("the sgm schedule has no diffusers scheduler config; choose from "
-                         f"{', '.join(s for s in SCHEDULES if s != 'sgm')}")
-    cls = DIFFUSERS_SCHEDULERS[name]
-    if schedule == "karras":
-        if name == "euler_a":
-            raise ValueError("EulerAncestralDiscreteScheduler has no karras sigmas")
-        overrides = {"timestep_spacing": karras_spacing, "use_karras_sigmas": True}
-    else:
-        overrides = {"timestep_spacing": schedule}
-    if final_sigma != "zero":
-        if name not in ("euler", "dpmpp_2m"):
-            raise ValueError(f"{cls} has no final_sigmas_type")
-        overrides["final_sigmas_type"] = final_sigma
-    return cls, overrides
-
-
-def diffusers_scheduler_config(name: str, schedule: str = "leading", **kwargs) -> Dict:
-    """SDXL's scheduler config turned into the one for (name, schedule); JSON-ready."""
-    cls, overrides = diffusers_scheduler_spec(name, schedule, **kwargs)
-    return {**SDXL_SCHEDULER_CONFIG, "_class_name": cls, **overrides}

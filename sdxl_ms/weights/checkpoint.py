@@ -37,7 +37,7 @@ class DiffusersCheckpoint:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        _check_configs(self.path)
+        self.configs: Dict[str, Dict] = _read_configs(self.path)
         self._files: Dict[str, SafetensorsFile] = {}
         self._file_key: Dict[str, str] = {}  # our spelling -> the key stored in the file
         self.shapes: Dict[str, Tuple[int, ...]] = {}
@@ -57,9 +57,11 @@ class DiffusersCheckpoint:
         return self._files[component].get(self._file_key[name])
 
 
-def _check_configs(folder: Path) -> None:
-    """Every component's config.json exists and parses: the reference (diffusers) builds its
-    networks from them, so a broken one is reported here, before anything loads."""
+def _read_configs(folder: Path) -> Dict[str, Dict]:
+    """Every component's config.json, parsed: the reference (diffusers) builds its networks
+    from them and so can the port, so a missing or broken one is reported here, before
+    anything loads."""
+    configs = {}
     for component in COMPONENT_FILES:
         config = folder / component / "config.json"
         if not config.is_file():
@@ -71,6 +73,20 @@ def _check_configs(folder: Path) -> None:
                                   "original checkpoint") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{config} is not a JSON object")
+        configs[component] = data
+    return configs
+
+
+def pad_tokens(folder: Path) -> Tuple[str, str]:
+    """The pad tokens of a diffusers folder's two tokenizers (SDXL's when not stated)."""
+    found = []
+    for sub, default in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        try:
+            pad = json.loads((folder / sub / "special_tokens_map.json").read_text())["pad_token"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pad = default
+        found.append(pad["content"] if isinstance(pad, dict) else str(pad))
+    return found[0], found[1]
 
 
 def _canonical(component: str, key: str) -> str:

@@ -1,13 +1,15 @@
-"""The diffusers/transformers configs of a preset: JSON-ready dicts, no torch needed.
+"""Typed configs to diffusers/transformers config files and back: JSON-ready dicts, no torch.
 
-These are what `make-checkpoint --format diffusers` writes and what the reference loads, so a
-preset's structure is stated once (in `sdxl_ms.config`) and translated here.
+The forward direction is what `make-checkpoint --format diffusers` writes and what the
+reference loads, so a preset's structure is stated once (in `sdxl_ms.config`) and translated
+here. The way back builds the typed configs of a diffusers folder whose widths match no preset,
+so such a checkpoint loads from its own config files.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
-from ..config import SDXLConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import ConditionerConfig, SDXLConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 
@@ -148,3 +150,71 @@ def pipeline_configs(cfg: SDXLConfig) -> Dict[str, Dict]:
         "text_encoder_2": text_encoder_config(cfg.conditioner.clip_g),
         "scheduler": dict(SDXL_SCHEDULER_CONFIG),
     }
+
+
+# ---- the way back: typed configs from a diffusers folder's config files ------------------------
+
+
+def unet_config_from_diffusers(d: Dict) -> Tuple[UNetConfig, int]:
+    """(UNetConfig, size_embed_dim) from a diffusers `unet/config.json` of SDXL's structure."""
+    channels = list(d["block_out_channels"])
+    mc = channels[0]
+    if any(c % mc for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first")
+    levels = len(channels)
+    per_level = d.get("transformer_layers_per_block", 1)
+    per_level = [per_level] * levels if isinstance(per_level, int) else list(per_level)
+    depth = tuple(per_level[i] if "CrossAttn" in d["down_block_types"][i] else 0
+                  for i in range(levels))
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers: head counts
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    head_dims = {channels[i] // heads[i] for i in range(levels) if depth[i]}
+    if len(head_dims) > 1:
+        raise ValueError(f"per-level head widths {sorted(head_dims)} differ; the port's UNet "
+                         "uses one head width")
+    if not d.get("use_linear_projection", False):
+        raise ValueError("use_linear_projection is false: SDXL's UNet uses linear projections")
+    cfg = UNetConfig(
+        model_channels=mc, channel_mult=tuple(c // mc for c in channels),
+        num_res_blocks=d["layers_per_block"], transformer_depth=depth,
+        transformer_depth_middle=depth[-1], num_head_channels=head_dims.pop() if head_dims else 64,
+        context_dim=d["cross_attention_dim"],
+        adm_in_channels=d["projection_class_embeddings_input_dim"],
+        in_channels=d["in_channels"], out_channels=d["out_channels"],
+        norm_groups=d["norm_num_groups"])
+    return cfg, d["addition_time_embed_dim"]
+
+
+def vae_config_from_diffusers(d: Dict) -> VAEConfig:
+    """VAEConfig from a diffusers `vae/config.json`."""
+    channels = list(d["block_out_channels"])
+    ch = channels[0]
+    return VAEConfig(ch=ch, ch_mult=tuple(c // ch for c in channels),
+                     num_res_blocks=d["layers_per_block"], z_channels=d["latent_channels"],
+                     in_channels=d["in_channels"], out_ch=d["out_channels"],
+                     scale_factor=d["scaling_factor"], norm_groups=d["norm_num_groups"])
+
+
+def text_encoder_config_from_transformers(d: Dict, pad_token: str) -> TextEncoderConfig:
+    """TextEncoderConfig from a transformers CLIPTextConfig (`text_encoder*/config.json`)."""
+    with_projection = "CLIPTextModelWithProjection" in d.get("architectures", [])
+    return TextEncoderConfig(
+        width=d["hidden_size"], layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+        mlp_width=d["intermediate_size"], activation=d["hidden_act"], pad_token=pad_token,
+        projection_dim=d.get("projection_dim") if with_projection else None,
+        vocab_size=d["vocab_size"], max_length=d["max_position_embeddings"],
+        layer_norm_eps=d["layer_norm_eps"])
+
+
+def sdxl_config_from_diffusers(configs: Dict[str, Dict], pad_tokens: Tuple[str, str],
+                               name: str) -> SDXLConfig:
+    """The SDXLConfig of a diffusers SDXL folder: `configs` maps unet, vae, text_encoder and
+    text_encoder_2 to their parsed config.json; `pad_tokens` are the two tokenizers'."""
+    unet, size_embed_dim = unet_config_from_diffusers(configs["unet"])
+    vae = vae_config_from_diffusers(configs["vae"])
+    conditioner = ConditionerConfig(
+        clip_l=text_encoder_config_from_transformers(configs["text_encoder"], pad_tokens[0]),
+        clip_g=text_encoder_config_from_transformers(configs["text_encoder_2"], pad_tokens[1]),
+        size_embed_dim=size_embed_dim)
+    return SDXLConfig(name=name, conditioner=conditioner, unet=unet, vae=vae,
+                      default_size=configs["unet"].get("sample_size", 128) * vae.downsample_factor)

@@ -83,16 +83,33 @@ def diff_layout(expected: Mapping[str, Tuple[int, ...]], actual: Mapping[str, Tu
 
 
 def infer_preset(ckpt) -> SDXLConfig:
-    """The preset whose layout the checkpoint matches exactly; else a CheckpointError naming the
+    """The preset whose layout the checkpoint matches exactly; for a diffusers folder of other
+    widths, the config its own config.json files describe; else a CheckpointError naming the
     differences against the closest preset."""
     diffs = {name: diff_layout(expected_layout(cfg, ckpt.format), ckpt.shapes)
              for name, cfg in PRESETS.items()}
     for name, d in diffs.items():
         if d.ok:
             return PRESETS[name]
+    own = _config_of_folder(ckpt) if ckpt.format == DIFFUSERS else None
+    if own is not None and diff_layout(expected_layout(own, DIFFUSERS), ckpt.shapes).ok:
+        return own
     closest = min(diffs, key=lambda n: diffs[n].size)
     raise CheckpointError(f"{ckpt.path} ({ckpt.format} format) does not match the '{closest}' "
                           f"layout: {diffs[closest].describe()}")
+
+
+def _config_of_folder(ckpt):
+    """The SDXLConfig a diffusers folder's config files describe, or None when they describe
+    no SDXL the port can build."""
+    from .checkpoint import pad_tokens
+    from .diffusers_configs import sdxl_config_from_diffusers
+
+    try:
+        return sdxl_config_from_diffusers(ckpt.configs, pad_tokens(ckpt.path),
+                                          name=f"config:{ckpt.path.name}")
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def check_layout(ckpt, cfg: SDXLConfig) -> None:

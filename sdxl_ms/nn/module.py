@@ -1,0 +1,222 @@
+"""`Module`: a Cell whose forward takes its weights by name, so one compiled graph can serve
+every layer of the same structure.
+
+Every network module writes its math as `forward(self, p, *inputs)`, where `p` holds its own
+weights by name (`p["weight"]`), and calls its sub-modules with that same `p`:
+`x = self.attn1(p, self.norm1(p, x)) + x`. A sub-module looks itself up as `p[self.key]`, its
+name in its parent (`"norm1"`; `"transformer_blocks.0"` for a list entry; `"in_layers.0"` for
+a layer of a `Sequential`, which has no weights of its own). In PyNative `p` is the module
+itself (`module["norm1"]` is its attribute), so the code reads like sgm's and runs on the
+Parameters directly.
+
+In the "blocks" graph mode (`backend.settings.set_jit("blocks")`) the modules marked
+`graph_unit` (ResBlock, SpatialTransformer, text layers, VAE blocks) run through one ms.jit
+graph per structure: the graph traces the first such module's `forward` with `p` as an input,
+a nested dict of plain Tensors (`tensor_tree`), so every layer with the same structure and
+shapes reuses it (*measured*: Parameters as ms.jit inputs key a fresh ~1 s compile per layer).
+A structure is the module tree's classes, their `forward`s and the constants the graph bakes in
+(every plain attribute: widths, norm epsilons and groups, activation functions, head counts),
+so a patched layer (a mutant test) compiles its own graph instead of being silently ignored. List entries and a
+Sequential's layers sit in the parent's dict as `"name.i"`: ms.jit takes at most 6 levels of
+nesting (*measured*: 7 raises).
+
+Calls skip nn.Cell's per-call machinery in PyNative (*measured* several times the cost of a
+plain function call on CPU); graph mode parses `construct`, which does the same lookup.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ..backend import jit_enabled, settings
+
+_unit_graphs: Dict[Tuple, Any] = {}
+_changes = [0]  # bumped by every attribute set on a Module: cached signatures are then stale
+_CELL_ATTRIBUTES = frozenset(nn.Cell().__dict__) | {"key"}  # MindSpore's own, and the name
+
+
+class Module(nn.Cell):
+    """Base of every network module: `forward(self, p, *inputs)` with `p` its own weights."""
+
+    key = ""  # the name under which the parent holds this module (set when it is assigned)
+    graph_unit = False  # one shared graph per structure in "blocks" mode
+
+    def __setattr__(self, name, value):
+        if isinstance(value, (Module, nn.CellList)):
+            _set_key(value, name)
+        _changes[0] += 1
+        super().__setattr__(name, value)
+
+    def __getitem__(self, key):
+        """`module["norm1"]`, `module["transformer_blocks.0"]`, `module[0]` (a Sequential's
+        layer): what a parent's `p[...]` finds in PyNative."""
+        obj = self
+        for part in str(key).split("."):
+            obj = obj._cells[part] if part.isdigit() else getattr(obj, part)
+        return obj
+
+    def __call__(self, p, *inputs):
+        if self.graph_unit and jit_enabled():
+            return run_unit(self, *inputs)
+        return self.forward(p[self.key], *inputs)
+
+    def construct(self, p, *inputs):
+        return self.forward(p[self.key], *inputs)
+
+    def optional(self, p, name: str):
+        """`p[name]`, or None where this module has no such weight (a bias-free Linear)."""
+        return None if getattr(self, name) is None else p[name]
+
+
+class Network(Module):
+    """A network's entry point (UNet, VAE, text encoders): called with its inputs alone, its
+    weights are its own (`forward` starts from `p = self`)."""
+
+    def __call__(self, *inputs):
+        return self.construct(*inputs)
+
+
+class Sequential(Module):
+    """sgm's `nn.Sequential` (names `in_layers.0.weight`, ...): runs its layers in order. It
+    holds no weights of its own, so it hands its parent's `p` on, and its layers are keyed in
+    it as `"in_layers.0"`."""
+
+    def __init__(self, layers: Sequence[Module]):
+        super().__init__()
+        self.layer_names = tuple(str(i) for i in range(len(layers)))
+        for name, layer in zip(self.layer_names, layers):
+            setattr(self, name, layer)
+
+    def __call__(self, p, *inputs):
+        return self.forward(p, *inputs)
+
+    def construct(self, p, *inputs):
+        return self.forward(p, *inputs)
+
+    def __getitem__(self, index):
+        """The layer at `index` (sgm's `to_out[0]`)."""
+        return self._cells[str(index)]
+
+    def forward(self, p, x):
+        for name in self.layer_names:
+            x = getattr(self, name)(p, x)
+        return x
+
+
+def _set_key(module, key: str) -> None:
+    """`module` is held as `key` by its parent; a list's entries and a Sequential's layers
+    are keyed through it (`"input_blocks.1.0"`)."""
+    if isinstance(module, Module):
+        object.__setattr__(module, "key", key)
+    if isinstance(module, (Sequential, nn.CellList)):
+        for name, child in module._cells.items():
+            _set_key(child, f"{key}.{name}")
+
+
+def run_unit(module, *inputs):
+    """`module.construct(weights, *inputs)` through the graph shared by its structure."""
+    key = signature(module)
+    graph = _unit_graphs.get(key)
+    if graph is None:
+        template = module
+
+        def traced(p, *args):
+            return template.forward(p, *args)
+        traced.__name__ = f"{type(module).__name__}_graph"  # MindSpore names graphs by it
+        graph = _unit_graphs[key] = ms.jit(traced)
+    return graph(ms.mutable(tensor_tree(module)), *inputs)
+
+
+def run_model(module, fn, *args):
+    """`fn(*args)` (a network's `forward`): compiled as one graph per network, structure
+    (`signature`) and input signature in "model" mode, else called directly.
+
+    The signature keys the graph cache so that a patched layer compiles a new graph; it stays
+    on the Python side: handing it to the graph as an argument made ms.jit recompile on every
+    call (*measured*: 31 s per tiny UNet call)."""
+    if settings.jit != "model":
+        return fn(*args)
+    graphs = module.__dict__.setdefault("_sdxl_model_graphs", {})
+    key = (fn.__name__, signature(module))
+    graph = graphs.get(key)
+    if graph is None:
+        # One PyNative call first: *measured* (tiny UNet, CPU) a graph compiled before the
+        # model ever ran eagerly runs 6x slower on every call (290 ms against 44 ms).
+        fn(*args)
+
+        def traced(*inputs):  # a new function object: a new compile for a new signature
+            return fn(*inputs)
+        graph = graphs[key] = ms.jit(traced)
+    return graph(*args)
+
+
+def signature(module) -> Tuple:
+    """What a graph traced from `module` bakes in: per sub-module its class, `forward` and
+    plain attributes (widths, epsilons, activations, ...), the unit's own name excluded.
+
+    Cached until an attribute of any Module is set or a class's `forward` is replaced (what
+    patches and mutant tests do), so a call does not walk every sub-module's attributes."""
+    cells = _cells(module)
+    forwards = tuple(getattr(type(cell), "forward", None) for _, cell in cells)
+    cached = module.__dict__.get("_sdxl_signature")
+    if cached is not None and cached[0] == _changes[0] and cached[1] == forwards:
+        return cached[2]
+    value = tuple((name, type(cell), fwd, _constants(cell))
+                  for (name, cell), fwd in zip(cells, forwards))
+    object.__setattr__(module, "_sdxl_signature", (_changes[0], forwards, value))
+    return value
+
+
+def _cells(module) -> Tuple:
+    """(name, cell) of the module's tree, itself first: fixed once the module is built."""
+    cells = module.__dict__.get("_sdxl_cells")
+    if cells is None:
+        cells = tuple(module.cells_and_names())
+        object.__setattr__(module, "_sdxl_cells", cells)
+    return cells
+
+
+def _constants(cell) -> Tuple:
+    return tuple((k, v if _hashable(v) else id(v)) for k, v in cell.__dict__.items()
+                 if k not in _CELL_ATTRIBUTES and not k.startswith("_"))
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def tensor_tree(module) -> Any:
+    """The module's weights as nested plain Tensors (dicts by name, tuples for sequences), the
+    `p` a shared graph takes. Cached on the module until a Parameter's storage changes
+    (`set_data` replaces it)."""
+    params = module.__dict__.get("_sdxl_params")
+    if params is None:
+        params = tuple(p for _, p in module.parameters_and_names())
+        object.__setattr__(module, "_sdxl_params", params)
+    key = tuple(p.data_ptr() for p in params)
+    cached = module.__dict__.get("_sdxl_tensor_tree")
+    if cached is None or cached[0] != key:
+        cached = (key, _tree(module))
+        object.__setattr__(module, "_sdxl_tensor_tree", cached)
+    return cached[1]
+
+
+def _tree(cell) -> Dict[str, Any]:
+    out: Dict[str, Any] = {name: Tensor(p) for name, p in cell._params.items() if p is not None}
+    for name, child in cell._cells.items():
+        _add_child(out, name, child)
+    return out
+
+
+def _add_child(out: Dict[str, Any], key: str, child) -> None:
+    if isinstance(child, (Sequential, nn.CellList)):  # keyed through: "in_layers.0"
+        for name, grandchild in child._cells.items():
+            _add_child(out, f"{key}.{name}", grandchild)
+    elif child is not None:
+        out[key] = _tree(child)

@@ -1,0 +1,125 @@
+"""Ports as a porting engineer plugs them in (`sdxl-parity run --port tests/adapters.py:NAME`).
+
+`OwnLoopPort` stands for a port written elsewhere: it takes its networks from a MindSpore SDXL
+(here the built-in one, loaded from the checkpoint) and brings its own sampler loop, written
+independently in plain numpy (k-diffusion's Euler and Euler-ancestral steps on the reference's
+sigmas), so the sampler and trajectory stages test that loop, not sdxl_ms's. The broken
+variants each carry one bug that must fail at its own stage.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from sdxl_ms import load_pipeline
+
+
+class NetworksPort:
+    """Only the four stage methods, delegated to a MindSpore SDXL: the harness falls back to
+    the built-in sampler and the reference's CFG, and says so."""
+
+    version = "adapter-1.0"
+
+    def __init__(self, checkpoint, dtype: str):
+        self.pipe = load_pipeline(checkpoint, dtype=dtype)
+
+    def tokenize(self, prompts):
+        return self.pipe.tokenize(prompts)
+
+    def encode_prompt(self, prompt, negative_prompt=None, *, original_size, crops_coords_top_left,
+                      target_size):
+        return self.pipe.encode_prompt(prompt, negative_prompt, original_size=original_size,
+                                       crops_coords_top_left=crops_coords_top_left,
+                                       target_size=target_size)
+
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.pipe.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+
+    def decode(self, latents):
+        return self.pipe.decode(latents)
+
+
+class OwnLoopPort(NetworksPort):
+    """The stage contract plus its own `guide` and `sample` loop."""
+
+    def guide(self, eps, scale):
+        uncond, cond = np.split(np.asarray(eps, np.float32), 2)
+        return uncond + np.float32(scale) * (cond - uncond)
+
+    def sample(self, run, eps: Callable, callback: Callable) -> np.ndarray:
+        """Euler / Euler-ancestral on the reference's own grid (run.sigmas, run.timesteps)."""
+        if run.sampler not in ("euler", "euler_a"):
+            raise NotImplementedError(f"this adapter's loop has no {run.sampler!r}")
+        sigmas = np.asarray(run.sigmas, np.float64)
+        x = np.asarray(run.initial_noise, np.float32) * np.float32(run.init_noise_sigma)
+        for i, t in enumerate(run.timesteps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            x_in = (x / np.sqrt(sigma ** 2 + 1)).astype(np.float32)
+            guided = self.guide(eps(np.concatenate([x_in, x_in]), np.float32(t)), run.guidance)
+            derivative = guided  # d = (x - x0) / sigma with x0 = x - sigma * eps
+            if run.sampler == "euler":
+                x = self.step(x, derivative, sigma_next - sigma)
+            else:
+                up = np.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+                down = np.sqrt(sigma_next ** 2 - up ** 2)
+                x = self.step(x, derivative, down - sigma) + np.float32(up) * run.step_noise[i]
+            x = x.astype(np.float32)
+            callback(i, x)
+        return x
+
+    @staticmethod
+    def step(x, derivative, dt):
+        return x + derivative * np.float32(dt)
+
+
+class SD1ScaleDecodePort(OwnLoopPort):
+    """Bug: decodes with SD 1.x's latent scale (0.18215) instead of SDXL's 0.13025."""
+
+    def decode(self, latents):
+        return self.pipe.decode(np.asarray(latents, np.float32) * np.float32(0.13025 / 0.18215))
+
+
+class HalfStepSamplerPort(OwnLoopPort):
+    """Bug in the port's own sampler: every Euler step goes half the way."""
+
+    @staticmethod
+    def step(x, derivative, dt):
+        return x + derivative * np.float32(dt / 2)
+
+
+def faithful(checkpoint, dtype):
+    return OwnLoopPort(checkpoint, dtype)
+
+
+def sd1_scale_decode(checkpoint, dtype):
+    return SD1ScaleDecodePort(checkpoint, dtype)
+
+
+def half_step_sampler(checkpoint, dtype):
+    return HalfStepSamplerPort(checkpoint, dtype)
+
+
+def networks_only(checkpoint, dtype):
+    return NetworksPort(checkpoint, dtype)
+
+
+class MissingDecode:
+    """Not a port: it lacks decode()."""
+
+    def __init__(self, checkpoint, dtype):
+        pass
+
+    def tokenize(self, prompts):
+        return {}
+
+    def encode_prompt(self, prompt, negative_prompt=None, *, original_size, crops_coords_top_left,
+                      target_size):
+        return {}
+
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return sample
+
+
+def missing_decode(checkpoint, dtype):
+    return MissingDecode(checkpoint, dtype)
