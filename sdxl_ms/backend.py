@@ -75,8 +75,10 @@ class ExecutionSettings:
 
     def summary(self) -> dict:
         """What reports record: device target, graph mode, kernel threads."""
+        cpu = is_cpu()
         return {"device_target": ms.get_context("device_target"), "jit": self.jit,
-                "threads": self.threads if is_cpu() else None}
+                "threads": self.threads if cpu else None,
+                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") if cpu else None}
 
 
 def parse_jit(mode) -> str:
@@ -109,17 +111,26 @@ settings = ExecutionSettings()
 _runtime_ready = False
 
 
+ONEDNN_ISA_CAP = "AVX2"
+
+
 def init_runtime() -> None:
     """On CPU: launch ops synchronously (*measured* on 2 cores, PyNative's asynchronous launch
-    queue spins against the compute threads and makes small ops 10-60x slower) and size the
+    queue spins against the compute threads and makes small ops 10-60x slower), size the
     kernel thread pool (*measured*: left unset, the Python thread computes beside the pool's
-    workers, 3 threads on 2 cores, ~1.7x the CPU time for the same MatMul)."""
+    workers, 3 threads on 2 cores, ~1.7x the CPU time for the same MatMul), and cap oneDNN at
+    AVX2 unless `ONEDNN_MAX_CPU_ISA` is set: on AVX-512 hosts MindSpore 2.10's oneDNN picks
+    `jit_uni_ncsp:conv+ref:any` for NCHW float32 convolutions, a reference kernel (*measured*:
+    4.2 s for one 256-channel 3x3 conv at 64x64, PyTorch 17 ms; `x64:gemm:jit` under the cap,
+    32-44 ms; the tiny VAE decode 985 -> 53 ms, the tiny UNet 193 -> 116 ms). oneDNN reads the
+    variable at its first primitive, so this runs before any op."""
     global _runtime_ready
     if _runtime_ready:
         return
     settings.read_env()  # a bad SDXL_MS_JIT / SDXL_MS_THREADS fails here, before any work
     threads = settings.threads
     if is_cpu():
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISA_CAP)
         ms.runtime.launch_blocking()
         from mindspore.device_context.cpu.op_tuning import RuntimeConf
 

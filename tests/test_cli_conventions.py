@@ -246,7 +246,9 @@ def test_report_says_what_ran(tmp_path, capsys):
     assert meta["command"] == ("sdxl-parity check --golden " + str(GOLDEN) + " --out " + str(out)
                                + " --quiet --stages tokens,conditioner")
     assert meta["execution"] == {"device_target": "CPU", "jit": "off",
-                                 "threads": len(os.sched_getaffinity(0))}
+                                 "threads": len(os.sched_getaffinity(0)),
+                                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+    assert meta["execution"]["onednn_max_cpu_isa"]  # the port's runtime caps it (or the user)
     assert meta["port"]["class"] == "sdxl_ms.pipeline.SDXLPipeline"
     assert meta["port"]["mindspore"].startswith("2.10")
     assert set(meta["reference"]) >= {"torch", "diffusers", "transformers"}
