@@ -29,7 +29,7 @@ class MissingExtraError(InputError):
     """An optional dependency group is not installed (e.g. the torch/diffusers reference)."""
 
     def __init__(self, what: str, extra: str, missing: str):
-        super().__init__(f"{what} needs {missing}, which is not installed: "
+        super().__init__(f"{what} needs {missing}, and they are not installed: "
                          f"pip install 'sdxl-parity[{extra}]'")
         self.extra = extra
 
