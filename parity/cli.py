@@ -117,17 +117,14 @@ def cmd_run(args) -> int:
 
 def cmd_record(args) -> int:
     from .record import record
-    from .recording import MANIFEST
+    from .recording import check_recording_target
     from .reference import require_reference
     from .runner import resolve_checkpoint
 
     require_reference("sdxl-parity record")
     spec = _spec(args)
     _validate_spec(spec)
-    out = check_output_dir(args.out, "recording folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise InputError(f"{out} exists and is not a recording; choose a new folder "
-                         "(an existing recording is replaced)")
+    out = check_recording_target(check_output_dir(args.out, "recording folder"))
     rec = record(spec, resolve_checkpoint(spec), progress=lambda w: _log(args)(f"reference: {w}"))
     folder = rec.save(out)
     print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps) to {folder}")

@@ -174,5 +174,6 @@ def guide(eps: np.ndarray, scale: float) -> np.ndarray:
 def to_images(decoded: np.ndarray) -> np.ndarray:
     """Decoded float (B, 3, H, W) in about [-1, 1] -> uint8 (B, H, W, 3), rounded as diffusers
     rounds (x 255, not the seed tutorial's 225)."""
-    images = np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    return (images * 255).round().astype(np.uint8)
+    from sdxl_ms.pipeline import to_uint8
+
+    return to_uint8(np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))

@@ -124,11 +124,7 @@ class Recording:
     def save(self, folder: Path) -> Path:
         from safetensors.numpy import save_file
 
-        folder = Path(folder)
-        if folder.exists() and not (folder / MANIFEST).is_file() and (
-                not folder.is_dir() or any(folder.iterdir())):
-            raise RecordingError(f"{folder} exists and is not a recording; choose a new folder "
-                                 "(an existing recording is replaced)")
+        folder = check_recording_target(folder)
         with atomic_dir(folder, replace=True) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()},
                       str(tmp / TENSORS))
@@ -175,6 +171,16 @@ class Recording:
         return cls(spec=RunSpec.from_dict(manifest["spec"]), tensors=tensors,
                    schedules=manifest.get("schedules", {}), meta=manifest.get("meta", {}),
                    path=folder)
+
+
+def check_recording_target(folder) -> Path:
+    """`folder` may receive a recording: new, empty, or a recording (which is replaced)."""
+    folder = Path(folder)
+    if folder.exists() and not (folder / MANIFEST).is_file() and (
+            not folder.is_dir() or any(folder.iterdir())):
+        raise RecordingError(f"{folder} exists and is not a recording; choose a new folder "
+                             "(an existing recording is replaced)")
+    return folder
 
 
 def _sha256(path: Path) -> str:
