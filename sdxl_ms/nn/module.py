@@ -11,14 +11,14 @@ Parameters directly.
 
 In the "blocks" graph mode (`backend.settings.set_jit("blocks")`) the modules marked
 `graph_unit` (ResBlock, SpatialTransformer, text layers, VAE blocks) run through one ms.jit
-graph per structure: the graph traces the first such module's `forward` with `p` as an input,
-a nested dict of plain Tensors (`tensor_tree`), so every layer with the same structure and
+graph per structure: the graph traces the first such module's `forward` with its weights as an input
+(plain Tensors, `weight_inputs`), so every layer with the same structure and
 shapes reuses it (*measured*: Parameters as ms.jit inputs key a fresh ~1 s compile per layer).
 A structure is the module tree's classes, their `forward`s and the constants the graph bakes in
 (every plain attribute: widths, norm epsilons and groups, activation functions, head counts),
 so a patched layer (a mutant test) compiles its own graph instead of being silently ignored. List entries and a
-Sequential's layers sit in the parent's dict as `"name.i"`: ms.jit takes at most 6 levels of
-nesting (*measured*: 7 raises).
+Sequential's layers sit in the parent's dict as `"name.i"`, which keeps the tree shallow
+(ms.jit took at most 6 levels of nested dict input, *measured*: 7 raised).
 
 Calls skip nn.Cell's per-call machinery in PyNative (*measured* several times the cost of a
 plain function call on CPU); graph mode parses `construct`, which does the same lookup.
@@ -116,21 +116,40 @@ def _set_key(module, key: str) -> None:
 
 
 def run_unit(module, *inputs):
-    """`module.construct(weights, *inputs)` through the graph shared by its structure."""
+    """`module.forward(weights, *inputs)` through the graph shared by its structure.
+
+    The weights enter the graph as one flat tuple and the graph rebuilds the named dict `p`
+    from the layout (constant keys) it was traced with: *measured* (tiny UNet, CPU) a nested
+    dict as the graph input costs ~0.2 ms more per unit call in MindSpore's argument handling,
+    19% of a graph-blocks UNet step."""
     key = signature(module)
+    layout, flat = weight_inputs(module)
     mine = module.__dict__.get("_sdxl_unit_graph")
-    if mine is not None and mine[0] is key:  # unchanged since the last call: no hashing
-        return mine[1](tensor_tree(module), *inputs)
-    graph = _unit_graphs.get(key)
+    if mine is not None and mine[0] is key and mine[1] is layout:  # unchanged: no hashing
+        return mine[2](flat, *inputs)
+    graph = _unit_graphs.get((key, layout))
     if graph is None:
         template = module
 
-        def traced(p, *args):
-            return template.forward(p, *args)
+        def traced(weights, *args):
+            return template.forward(_named(weights, layout), *args)
         traced.__name__ = f"{type(module).__name__}_graph"  # MindSpore names graphs by it
-        graph = _unit_graphs[key] = ms.jit(traced)
-    object.__setattr__(module, "_sdxl_unit_graph", (key, graph))
-    return graph(tensor_tree(module), *inputs)
+        graph = _unit_graphs[(key, layout)] = ms.jit(traced)
+    object.__setattr__(module, "_sdxl_unit_graph", (key, layout, graph))
+    return graph(flat, *inputs)
+
+
+def _named(weights, layout):
+    """The nested dict `p` of a unit, from its flat weights and layout (traced in the graph:
+    the keys are constants, the loop unrolls)."""
+    p = {}
+    for i in range(0, len(layout), 2):
+        name, entry = layout[i], layout[i + 1]
+        if isinstance(entry, tuple):
+            p[name] = _named(weights, entry)
+        else:
+            p[name] = weights[entry]
+    return p
 
 
 def run_model(module, fn, *args):
@@ -199,33 +218,43 @@ def _hashable(value) -> bool:
     return True
 
 
-def tensor_tree(module) -> Any:
-    """The module's weights as a nested dict of plain Tensors, marked `ms.mutable` (a graph
-    input, not constants): the `p` a shared graph takes. Cached on the module until a
-    Parameter's storage changes (`set_data` replaces it); the mutable marking is cached too
-    (*measured*: re-marking walks the whole dict, ~0.25 ms per tiny-UNet unit call)."""
+def weight_inputs(module) -> Tuple[Tuple, Any]:
+    """(layout, weights): the module's weights as a flat tuple of plain Tensors, marked
+    `ms.mutable` (a graph input, not constants), and the layout that names them, nested as the
+    modules are, names and entries alternating so that a level of modules is one level of
+    tuples (ms.jit allows 6): `("norm1", ("weight", 0, "bias", 1), ...)`, a list entry or a
+    Sequential's layer as `"name.i"`. Cached on the module until a Parameter's storage
+    changes (`set_data` replaces it); the layout object stays the same across refreshes, so the graph cache hits."""
     params = module.__dict__.get("_sdxl_params")
     if params is None:
         params = tuple(p for _, p in module.parameters_and_names())
         object.__setattr__(module, "_sdxl_params", params)
     key = tuple(p.data_ptr() for p in params)
-    cached = module.__dict__.get("_sdxl_tensor_tree")
+    cached = module.__dict__.get("_sdxl_weight_inputs")
     if cached is None or cached[0] != key:
-        cached = (key, ms.mutable(_tree(module)))
-        object.__setattr__(module, "_sdxl_tensor_tree", cached)
-    return cached[1]
+        flat: list = []
+        layout = _layout(module, flat)
+        if cached is not None and cached[1] == layout:
+            layout = cached[1]
+        cached = (key, layout, ms.mutable(tuple(flat)))
+        object.__setattr__(module, "_sdxl_weight_inputs", cached)
+    return cached[1], cached[2]
 
 
-def _tree(cell) -> Dict[str, Any]:
-    out: Dict[str, Any] = {name: Tensor(p) for name, p in cell._params.items() if p is not None}
+def _layout(cell, flat: list) -> Tuple:
+    out = []
+    for name, p in cell._params.items():
+        if p is not None:
+            out += (name, len(flat))
+            flat.append(Tensor(p))
     for name, child in cell._cells.items():
-        _add_child(out, name, child)
-    return out
+        _add_child(out, name, child, flat)
+    return tuple(out)
 
 
-def _add_child(out: Dict[str, Any], key: str, child) -> None:
+def _add_child(out: list, key: str, child, flat: list) -> None:
     if isinstance(child, (Sequential, nn.CellList)):  # keyed through: "in_layers.0"
         for name, grandchild in child._cells.items():
-            _add_child(out, f"{key}.{name}", grandchild)
+            _add_child(out, f"{key}.{name}", grandchild, flat)
     elif child is not None:
-        out[key] = _tree(child)
+        out += (key, _layout(child, flat))
