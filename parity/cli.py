@@ -108,10 +108,12 @@ def cmd_run(args) -> int:
     stages = _stages(args)
     policy.check_covers(stages, spec.dtype)
     out = _outputs(args)
+    if args.locate:
+        policy.module_bound("default", spec.dtype)  # bounds for locate exist, before any work
     report = run(spec, out, policy=policy, port_spec=port_spec, stages=stages,
                  fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
-                 command=_command(args))
+                 command=_command(args), locate=args.locate)
     return _finish(report, out)
 
 
@@ -125,9 +127,25 @@ def cmd_record(args) -> int:
     spec = _spec(args)
     _validate_spec(spec)
     out = check_recording_target(check_output_dir(args.out, "recording folder"))
-    rec = record(spec, resolve_checkpoint(spec), progress=lambda w: _log(args)(f"reference: {w}"))
-    folder = rec.save(out)
-    print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps) to {folder}")
+    ckpt = resolve_checkpoint(spec)
+    log = _log(args)
+    if not args.modules:
+        rec = record(spec, ckpt, progress=lambda w: log(f"reference: {w}"))
+        folder = rec.save(out)
+    else:
+        import tempfile
+
+        from .locate import record_modules
+        from .reference import load_reference
+
+        ref = load_reference(ckpt, dtype=spec.dtype)
+        rec = record(spec, ckpt, reference=ref, progress=lambda w: log(f"reference: {w}"))
+        with tempfile.TemporaryDirectory(prefix="sdxl-parity-modules-") as work:
+            record_modules(rec, ref, ckpt, Path(work), sampler=args.locate_sampler,
+                           step=args.step, log=log)
+            folder = rec.save(out)
+    what = " and per-module tensors" if args.modules else ""
+    print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps{what}) to {folder}")
     return EXIT_OK
 
 
@@ -162,11 +180,55 @@ def cmd_check(args) -> int:
     stages = _stages(args)
     policy.check_covers(stages, rec.spec.dtype)
     out = _outputs(args)
+    if args.locate:
+        policy.module_bound("default", rec.spec.dtype)
+        if not rec.modules:
+            from .reference import require_reference
+
+            require_reference("check --locate on a recording without module captures "
+                              "(record it with --modules to locate without torch)")
     report = check(rec, out, policy=policy, port_spec=port_spec, checkpoint=args.checkpoint,
                    stages=stages, fail_fast=args.fail_fast,
                    junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
-                   command=_command(args))
+                   command=_command(args), locate=args.locate)
     return _finish(report, out)
+
+
+def cmd_locate(args) -> int:
+    from .locate import LOCATABLE_STAGES, locate
+    from .policy import load_policy
+    from .ports import BUILTIN, PortSpec, load_port
+    from .recording import Recording
+    from .reports.locate_report import write_locate_reports
+    from .runner import resolve_checkpoint
+
+    rec = Recording.load(check_existing(args.golden, "golden recording"))
+    _check_golden_matches(rec, args)
+    policy = load_policy(args.policy)
+    policy.module_bound("default", rec.spec.dtype)
+    stages = [args.stage] if args.stage else list(LOCATABLE_STAGES)
+    missing = [s for s in stages if s not in rec.modules]
+    if missing:
+        from .reference import require_reference
+
+        require_reference(f"locate in {', '.join(missing)} (the recording has no module "
+                          "captures for it; record it with --modules to locate without torch)")
+    out = check_output_dir(args.out, "report folder")
+    ckpt = resolve_checkpoint(rec.spec, args.checkpoint,
+                              rec.meta.get("checkpoint_generator_version"))
+    log = _log(args)
+    log(f"loading the port from {ckpt}")
+    port = load_port(PortSpec.parse(BUILTIN), ckpt, rec.spec.dtype)
+    found = [locate(rec, port, policy, stage, sampler=args.sampler, step=args.step,
+                    checkpoint=ckpt, log=log).to_dict() for stage in stages]
+    headline = write_locate_reports(found, out, meta={"command": _command(args),
+                                                      "recording": str(rec.path),
+                                                      "checkpoint": str(ckpt),
+                                                      "policy": policy.name,
+                                                      "dtype": rec.spec.dtype})
+    print(headline)
+    print(f"report: {out / 'index.html'}  ({out / 'report.json'}, {out / 'report.md'})")
+    return EXIT_FAILED if any(loc["first_divergent_module"] for loc in found) else EXIT_OK
 
 
 def cmd_report(args) -> int:
@@ -231,6 +293,9 @@ def _add_check_options(p) -> None:
     p.add_argument("--stages", default=None, help="comma-separated subset of stages")
     p.add_argument("--fail-fast", action="store_true",
                    help="skip the stages after the first that fails or errors")
+    p.add_argument("--locate", action="store_true",
+                   help="name the first divergent module of the first failing stage "
+                        "(conditioner, unet or decode): see `sdxl-parity locate`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run the reference and write a recording (needs torch)")
     _add_run_options(rec)
     rec.add_argument("--out", required=True, help="recording folder")
+    rec.add_argument("--modules", action="store_true",
+                     help="also store every module's inputs and output (conditioner, one UNet "
+                          "call, decode), so `locate` runs from the recording without torch")
+    rec.add_argument("--locate-sampler", default=None,
+                     help="with --modules: the sampler whose UNet call is stored (default: the first)")
+    rec.add_argument("--step", type=int, default=None,
+                     help="with --modules: the UNet call stored (default: 0)")
     rec.set_defaults(func=cmd_record)
 
     c = sub.add_parser("check", parents=common,
@@ -278,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(c, spec_options=False)
     _add_check_options(c)
     c.set_defaults(func=cmd_check)
+
+    lo = sub.add_parser("locate", parents=common,
+                        help="name the first divergent module: each port module run on the "
+                             "reference's recorded inputs (own error) beside the free run "
+                             "(accumulated error)")
+    lo.add_argument("--golden", required=True, help="recording folder")
+    lo.add_argument("--stage", choices=("conditioner", "unet", "decode"), default=None,
+                    help="the stage to localise (default: all three)")
+    lo.add_argument("--sampler", default=None, help="the sampler of the UNet call "
+                                                    "(default: the recording's first)")
+    lo.add_argument("--step", type=int, default=None, help="the UNet call (default: 0)")
+    lo.add_argument("--checkpoint", default=None,
+                    help="checkpoint (default: the one the recording names)")
+    lo.add_argument("--policy", default=None, help="policy TOML with [module.<dtype>] bounds")
+    lo.add_argument("--out", default="locate-report", help="report folder (default: ./locate-report)")
+    _add_run_options(lo, spec_options=False)
+    lo.set_defaults(func=cmd_locate)
 
     rp = sub.add_parser("report", parents=common,
                         help="re-render report.md and index.html from report.json")

@@ -106,6 +106,21 @@ class Policy:
     description: str = ""
     source: str = ""
     schema_version: int = SCHEMA_VERSION
+    modules: Dict[str, Dict[str, float]] = None  # dtype -> module kind (or "default") -> own rel_l2 bound
+
+    def module_bound(self, kind: str, dtype: str) -> float:
+        """The own-error bound (rel L2) of one module of `kind` (a port class name) at `dtype`,
+        for `sdxl-parity locate`: `[module.<dtype>]` in the policy file."""
+        table = (self.modules or {}).get(dtype)
+        if not table:
+            raise PolicyError(f"policy '{self.name}' has no [module.{dtype}] bounds, which "
+                              "locate needs")
+        if kind in table:
+            return table[kind]
+        if "default" not in table:
+            raise PolicyError(f"policy '{self.name}': [module.{dtype}] has no bound for {kind!r} "
+                              "and no 'default'")
+        return table["default"]
 
     def _get(self, stage: str, dtype: str) -> StagePolicy:
         if stage not in self.stages:
@@ -184,7 +199,7 @@ class Policy:
 # --------------------------------------------------------------------------------------------
 # Loading
 
-_TOP_KEYS = {"schema_version", "name", "description", "stage"}
+_TOP_KEYS = {"schema_version", "name", "description", "stage", "module"}
 
 
 def _number(value: Any, where: str) -> float:
@@ -286,7 +301,27 @@ def parse_policy(data: Dict[str, Any], source: str = "<dict>") -> Policy:
             stages[stage][dtype] = _parse_stage_dtype(table, dtype,
                                                       f"{source}: stage.{stage}.{dtype}")
     ordered = {s: stages[s] for s in STAGES if s in stages}
-    return Policy(name=name, stages=ordered, description=description, source=source)
+    return Policy(name=name, stages=ordered, description=description, source=source,
+                  modules=_parse_modules(data.get("module", {}), source))
+
+
+def _parse_modules(table: Any, source: str) -> Dict[str, Dict[str, float]]:
+    """`[module.<dtype>]`: module kind (or "default") -> own-error rel L2 bound."""
+    if not isinstance(table, dict):
+        raise PolicyError(f"{source}: 'module' must hold [module.<dtype>] tables")
+    out: Dict[str, Dict[str, float]] = {}
+    for dtype, bounds in table.items():
+        if dtype not in DTYPES:
+            raise PolicyError(f"{source}: module: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(bounds, dict):
+            raise PolicyError(f"{source}: module.{dtype} must map module kinds to bounds")
+        out[dtype] = {}
+        for kind, value in bounds.items():
+            bound = _number(value, f"{source}: module.{dtype}.{kind}")
+            if not bound > 0:
+                raise PolicyError(f"{source}: module.{dtype}.{kind} must be > 0, got {value!r}")
+            out[dtype][kind] = bound
+    return out
 
 
 def load_policy(path: Union[str, os.PathLike, None] = None) -> Policy:

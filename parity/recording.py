@@ -1,7 +1,9 @@
 """What a parity run compares against: the run's spec and the reference's recorded tensors.
 
 On disk a recording is a folder with `manifest.json` (spec, versions, schedule per sampler,
-tensor names and shapes, sha256 of the tensor file) and `tensors.safetensors`. Reading one needs
+tensor names and shapes, sha256 of the tensor file) and `tensors.safetensors`; one made with
+`record --modules` also holds `modules-<stage>.npz`, the reference's per-module inputs and
+outputs that `sdxl-parity locate` compares against (`parity.module_capture`). Reading one needs
 neither torch nor diffusers, so `sdxl-parity check` runs where only the port is installed.
 
 Tensor names (`<s>` is a sampler name, `<k>` a UNet call, `<i>` a sampler step):
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -108,6 +111,8 @@ class Recording:
     schedules: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
     meta: Dict = field(default_factory=dict)
     path: Optional[Path] = None
+    # stage -> (index dict, file): the reference's per-module tensors (`record --modules`)
+    modules: Dict[str, Tuple[Dict, Path]] = field(default_factory=dict)
 
     def get(self, name: str) -> np.ndarray:
         try:
@@ -138,7 +143,18 @@ class Recording:
                             for k, v in sorted(self.tensors.items())},
                 "tensors_sha256": _sha256(tmp / TENSORS),
             }
+            saved = {}
+            for stage, (index, source) in self.modules.items():
+                name = module_file(stage)
+                if Path(source).resolve() != (tmp / name).resolve():
+                    shutil.copyfile(source, tmp / name)
+                os.chmod(tmp / name, default_file_mode())
+                saved[stage] = {**index, "file": name, "sha256": _sha256(tmp / name)}
+            if saved:
+                manifest["modules"] = saved
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.modules = {stage: (index, folder / module_file(stage))
+                        for stage, (index, _) in self.modules.items()}
         self.path = folder
         return folder
 
@@ -168,9 +184,21 @@ class Recording:
             raise RecordingError(f"{folder / TENSORS} does not match the sha256 in its "
                                  "manifest: it was modified after recording; re-record it")
         tensors = load_file(str(folder / TENSORS))
+        modules = {}
+        for stage, index in manifest.get("modules", {}).items():
+            path = folder / index["file"]
+            if not path.is_file():
+                raise RecordingError(f"{folder} lists module captures in {index['file']}, "
+                                     "which is missing: copy the recording again")
+            modules[stage] = (index, path)
         return cls(spec=RunSpec.from_dict(manifest["spec"]), tensors=tensors,
                    schedules=manifest.get("schedules", {}), meta=manifest.get("meta", {}),
-                   path=folder)
+                   path=folder, modules=modules)
+
+
+def module_file(stage: str) -> str:
+    """The file of a stage's per-module capture inside a recording folder."""
+    return f"modules-{stage}.npz"
 
 
 def check_recording_target(folder) -> Path:

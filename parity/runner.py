@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from sdxl_ms.progress import bar as progress_bar
 
@@ -40,8 +41,9 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
           port_spec: Optional[PortSpec] = None, checkpoint: Optional[str] = None,
           stages: Sequence[str] = STAGES, fail_fast: bool = False,
           junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
-          command: Optional[str] = None) -> ParityReport:
-    """Check a port against a recording. `port` is a built port object; else it is built from
+          command: Optional[str] = None, locate: bool = False) -> ParityReport:
+    """Check a port against a recording. `locate`: name the first divergent module of the
+    first failing stage (`parity.locate`). `port` is a built port object; else it is built from
     `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded."""
     from .reports import write_reports
 
@@ -83,6 +85,9 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
             bar.update(1)
             if results[name].verdict in (Verdict.FAIL, Verdict.ERROR) and failed is None:
                 failed = name
+    localisation = []
+    if locate and failed is not None:
+        localisation = locate_failure(rec, port, policy, results[failed], ckpt, log)
     meta = {
         "command": command or command_line(), "spec": _spec_dict(spec), "policy": policy.name,
         "policy_source": policy.source, "dtype": spec.dtype, "checkpoint": str(ckpt),
@@ -94,14 +99,40 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         "stage_seconds": timings,
     }
     report = ParityReport.build(results, meta)
+    report.localisation = localisation
     write_reports(report, out_dir, junit_xml=junit_xml)
     return report
+
+
+def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckpt: Path,
+                   log: Callable[[str], None]) -> List[Dict]:
+    """The module table of a failing stage, at the sampler and step of its first failure (a
+    note in the stage where it cannot be localised)."""
+    from .locate import LOCATABLE_STAGES, locate
+
+    if stage.name not in LOCATABLE_STAGES:
+        stage.notes.append(f"--locate: stage '{stage.name}' has no modules to compare "
+                           f"(localisable: {', '.join(LOCATABLE_STAGES)})")
+        return []
+    if not hasattr(port, "model"):
+        stage.notes.append("--locate needs the built-in port's module tree; this port has none")
+        return []
+    sampler, step = None, None
+    if stage.first_failure and stage.name == "unet":
+        name, step = stage.first_failure
+        sampler = name.split("/")[0]
+    log(f"locating the first divergent module of stage {stage.name}")
+    with tempfile.TemporaryDirectory(prefix="sdxl-parity-locate-") as work:
+        loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step,
+                     checkpoint=ckpt, work_dir=Path(work), log=log)
+    return [loc.to_dict()]
 
 
 def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         port_spec: Optional[PortSpec] = None, stages: Sequence[str] = STAGES,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
-        log: Callable[[str], None] = lambda s: None, command: Optional[str] = None) -> ParityReport:
+        log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
+        locate: bool = False) -> ParityReport:
     from .record import record
 
     policy = policy or load_policy()
@@ -112,7 +143,7 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
     rec.save(Path(out_dir) / "recording")
     return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
                  stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
-                 command=command)
+                 command=command, locate=locate)
 
 
 def port_versions() -> Dict[str, str]:

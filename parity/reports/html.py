@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 from parity.metrics import METRIC_DIRECTIONS
 from parity.reports.markdown import cell, first_failure_text, meta_value, stage_columns
+from parity.reports.modules import html_sections as module_html
 from parity.reports.plots import line_chart_svg
 from parity.results import ParityReport, StageResult
 
@@ -169,5 +170,6 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
                     f"<td>{_esc('; '.join(t.reasons))}</td></tr>")
             out.append("</table></details>")
         out.append("</section>")
+    out += module_html(report.localisation)
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from parity.metrics import ExactMetrics, ImageMetrics, TensorMetrics, format_value
 from parity.results import ParityReport, StageResult, TensorResult
 
+from .modules import markdown_lines as module_markdown
+
 # Columns shown per metrics kind, in order (the CSV has all of them).
 DISPLAY_COLUMNS = {
     TensorMetrics: ("rel_l2", "cosine", "max_abs", "mean_abs", "max_rel", "psnr_db",
@@ -123,4 +125,5 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
             lines += _table(["step"] + names, [
                 [i] + [format_value(s.per_step[k][i]) if i < len(s.per_step[k]) else ""
                        for k in names] for i in range(n)])
+    lines += module_markdown(report.localisation)
     return "\n".join(lines) + "\n"

@@ -41,10 +41,11 @@ def _nice_step(span: float, target: int) -> float:
 def line_chart_svg(series: Mapping[str, Sequence[float]], *, title: str = "",
                    x_label: str = "step", y_label: str = "", log_y: bool = True,
                    hlines: Optional[Mapping[str, float]] = None, width: int = 640,
-                   height: int = 320) -> str:
+                   height: int = 320, vlines: Optional[Mapping[str, float]] = None) -> str:
     """An inline `<svg>` line chart: one line per series, x = index (step), y on a log scale
     (decade ticks) by default. `hlines` draws labelled dashed horizontal lines (policy bounds:
-    a label starting with "fail"/"warn" gets the matching colour). Non-finite values break a
+    a label starting with "fail"/"warn" gets the matching colour); `vlines` labelled vertical
+    lines at x positions (a culprit module). Non-finite values break a
     line; on a log axis, values <= 0 (e.g. an exact match) are left out and counted in a note.
     """
     hlines = dict(hlines or {})
@@ -134,6 +135,13 @@ def line_chart_svg(series: Mapping[str, Sequence[float]], *, title: str = "",
                    f'stroke="{colour}" stroke-dasharray="6 4"/>')
         out.append(f'<text x="{left + pw - 4}" y="{y - 4:.1f}" text-anchor="end" '
                    f'fill="{colour}">{html.escape(label)}</text>')
+
+    for label, x_at in (vlines or {}).items():
+        x = px(x_at)
+        out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" '
+                   f'stroke="{BOUND_COLOURS.get("fail", "#c00")}" stroke-width="1.5"/>')
+        out.append(f'<text x="{x + 4:.1f}" y="{top + 12}" fill="{BOUND_COLOURS.get("fail", "#c00")}">'
+                   f'{html.escape(label)}</text>')
 
     # series
     for k, name in enumerate(names):

@@ -1,0 +1,373 @@
+"""Name the first divergent module: teacher-forced, module by module.
+
+Accumulated error (the port run freely, compared module by module with the reference) grows
+from the first bug on: every module after it inherits the error, so the first module over a
+bound is not necessarily the one that made it. Here each port module is also run on the
+*reference's* recorded inputs for that module, and its output compared with the reference's:
+its own error, free of anything upstream. The culprit is the first module in execution order
+(the order in which forwards return, so a leaf comes before the block that holds it) whose own
+error exceeds its kind's bound (`[module.<dtype>]` in the policy).
+
+The reference's per-module inputs and outputs come from forward hooks on the diffusers modules
+(`capture_reference`), streamed to a file (`module_capture`), so `locate` can run later, and
+without torch, from a recording made with `sdxl-parity record --modules`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from sdxl_ms.errors import InputError
+from sdxl_ms.progress import bar as progress_bar
+
+from .contract import ENCODE_OUTPUTS, cfg_batch
+from .module_capture import CaptureIndex, CaptureReader, CaptureWriter
+from .module_pairs import (LOCATABLE_STAGES, PORT_CALLS, ModulePair, pair_modules,
+                           reference_inputs, reference_module_table, run_port_module,
+                           to_reference_layout)
+from .recording import Recording, call_key, conditioner_key, sampler_key, tokens_key
+
+
+def rel_l2(ref: np.ndarray, port: np.ndarray) -> float:
+    """||port - ref|| / ||ref|| in float64 (the absolute norm where the reference is zero)."""
+    ref = np.asarray(ref, np.float64)
+    diff = float(np.linalg.norm(np.asarray(port, np.float64) - ref))
+    norm = float(np.linalg.norm(ref))
+    return diff / norm if norm > 0 else diff
+
+
+# ---- what a stage's localisation runs on --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """The stage, and for the UNet the sampler and step, whose modules are compared."""
+
+    stage: str
+    sampler: str = ""
+    step: int = 0
+
+
+def resolve_target(rec: Recording, stage: str, sampler: Optional[str] = None,
+                   step: Optional[int] = None) -> Target:
+    if stage not in LOCATABLE_STAGES:
+        raise InputError(f"locate: stage {stage!r} has no modules to compare; choose from "
+                         f"{', '.join(LOCATABLE_STAGES)}")
+    samplers = rec.spec.samplers
+    sampler = sampler or samplers[0]
+    if sampler not in samplers:
+        raise InputError(f"locate: the recording has no sampler {sampler!r} (it has "
+                         f"{', '.join(samplers)})")
+    step = 0 if step is None else step
+    if stage == "unet":
+        calls = rec.unet_calls(sampler)
+        if not 0 <= step < calls:
+            raise InputError(f"locate: --step {step} is out of range: the recording has UNet "
+                             f"calls 0..{calls - 1} for {sampler}")
+    return Target(stage, sampler if stage != "conditioner" else "", step if stage == "unet" else 0)
+
+
+def _stage_inputs(rec: Recording, target: Target) -> Dict[str, np.ndarray]:
+    """What the stage's networks run on, from the recording (the same on both sides)."""
+    if target.stage == "conditioner":
+        return {"input_ids": rec.get(tokens_key("input_ids")),
+                "input_ids_2": rec.get(tokens_key("input_ids_2"))}
+    if target.stage == "unet":
+        batch = cfg_batch({k: rec.get(conditioner_key("generation", k)) for k in ENCODE_OUTPUTS})
+        return {"sample": rec.get(call_key(target.sampler, target.step, "x_in")),
+                "timestep": rec.get(call_key(target.sampler, target.step, "timestep")), **batch}
+    return {"latents": rec.get(sampler_key(target.sampler, "latents"))[-1]}
+
+
+# ---- the reference side ------------------------------------------------------------------------
+
+def capture_reference(ref, port_model, cfg, rec: Recording, target: Target, path: Path,
+                      log: Callable[[str], None] = lambda s: None) -> CaptureIndex:
+    """Run the reference's networks of `target.stage` on the recorded inputs with a forward hook
+    on every paired module; each module's inputs and output go to `path` as it returns."""
+    import torch
+
+    from .reference import to_numpy
+
+    modules = reference_module_table(ref.pipe, target.stage)
+    pairs = pair_modules(port_model, cfg, target.stage, modules)
+    index = CaptureIndex(stage=target.stage, sampler=target.sampler, step=target.step)
+    writer = CaptureWriter(path, index)
+    handles = []
+
+    def hook_for(pair: ModulePair):
+        wanted = set(PORT_CALLS[pair.kind].inputs) | {"out"}
+        fired = []
+
+        def hook(module, args, kwargs, output):
+            if fired:  # the first call only (CLIP-L's layers run once per encode)
+                return
+            fired.append(True)
+            got = reference_inputs(args, kwargs, output)
+            writer.add(pair, {k: to_numpy(v) for k, v in got.items() if k in wanted})
+        return hook
+
+    try:
+        for pair in pairs:
+            handles.append(modules[pair.reference].register_forward_hook(hook_for(pair),
+                                                                         with_kwargs=True))
+        log(f"reference: capturing {len(pairs)} modules of stage {target.stage}")
+        inputs = _stage_inputs(rec, target)
+        with torch.no_grad():
+            if target.stage == "conditioner":
+                for key, encoder in (("input_ids", ref.pipe.text_encoder),
+                                     ("input_ids_2", ref.pipe.text_encoder_2)):
+                    encoder(torch.from_numpy(np.asarray(inputs[key], np.int64)).to(ref.device),
+                            output_hidden_states=True)
+            elif target.stage == "unet":
+                ref.unet(**inputs)
+            else:
+                ref.decode(inputs["latents"])
+    finally:
+        for h in handles:
+            h.remove()
+        writer.close()
+    return index
+
+
+# ---- the port side -----------------------------------------------------------------------------
+
+@dataclass
+class ModuleRow:
+    """One module's own and accumulated error against its bound."""
+
+    module: str
+    reference: str
+    kind: str
+    own: Optional[float]
+    accumulated: Optional[float]
+    bound: float
+    error: str = ""
+
+    @property
+    def over(self) -> bool:
+        return self.own is not None and (math.isnan(self.own) or self.own > self.bound)
+
+    def to_dict(self) -> Dict:
+        return {"module": self.module, "reference_module": self.reference, "kind": self.kind,
+                "own_rel_l2": self.own, "accumulated_rel_l2": self.accumulated,
+                "bound": self.bound, "over": self.over, **({"error": self.error} if self.error else {})}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "ModuleRow":
+        return cls(d["module"], d["reference_module"], d["kind"], d.get("own_rel_l2"),
+                   d.get("accumulated_rel_l2"), d["bound"], d.get("error", ""))
+
+
+@dataclass
+class Localisation:
+    """The module table of one stage, in execution order, and the culprit if any."""
+
+    stage: str
+    sampler: str
+    step: Optional[int]
+    rows: List[ModuleRow] = field(default_factory=list)
+    seconds: float = 0.0
+    metric: str = "rel_l2"
+
+    @property
+    def culprit(self) -> Optional[ModuleRow]:
+        return next((r for r in self.rows if r.over), None)
+
+    def first_divergent_module(self) -> Optional[Dict]:
+        r = self.culprit
+        if r is None:
+            return None
+        return {"stage": self.stage, "step": self.step, "sampler": self.sampler or None,
+                "module": r.module, "reference_module": r.reference, "kind": r.kind,
+                "metric": f"own {self.metric}", "value": r.own, "bound": r.bound}
+
+    def describe(self) -> str:
+        """`module 'output_blocks.3.1...' (up_blocks.0...): own rel_l2 3.1e-04 > fail 1e-05`."""
+        r = self.culprit
+        if r is None:
+            return (f"no module of stage '{self.stage}' is over its bound "
+                    f"({len(self.rows)} modules compared)")
+        return (f"module '{r.module}' ({r.reference.partition('/')[2]}): own {self.metric} "
+                f"{r.own:.3g} > fail {r.bound:.3g}")
+
+    def to_dict(self) -> Dict:
+        return {"stage": self.stage, "sampler": self.sampler or None, "step": self.step,
+                "metric": self.metric, "seconds": self.seconds,
+                "first_divergent_module": self.first_divergent_module(),
+                "modules": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Localisation":
+        return cls(stage=d["stage"], sampler=d.get("sampler") or "", step=d.get("step"),
+                   rows=[ModuleRow.from_dict(r) for r in d.get("modules", [])],
+                   seconds=d.get("seconds", 0.0), metric=d.get("metric", "rel_l2"))
+
+
+def _module_at(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = obj._cells[part] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def _eager():
+    """PyNative, no graph units: every module's own `__call__` runs, so it can be observed."""
+    from sdxl_ms.backend import settings
+
+    before = settings.jit
+    settings.set_jit("off")
+    try:
+        yield
+    finally:
+        settings.set_jit(before)
+
+
+@contextlib.contextmanager
+def _observe(wanted: Dict[int, int], on_output: Callable[[int, object], None]) -> Iterator[None]:
+    """Hand the first output of each port module in `wanted` (id -> capture index) to
+    `on_output` as it is produced (nothing is kept: a full-size UNet has hundreds)."""
+    from sdxl_ms.nn.module import Module
+
+    original = Module.__call__
+    done = set()
+
+    def observed(self, p, *inputs):
+        out = original(self, p, *inputs)
+        i = wanted.get(id(self))
+        if i is not None and i not in done:
+            done.add(i)
+            on_output(i, out)
+        return out
+
+    Module.__call__ = observed
+    try:
+        yield
+    finally:
+        Module.__call__ = original
+
+
+def _run_port_freely(pipe, target: Target, inputs: Dict[str, np.ndarray]) -> None:
+    from mindspore import Tensor
+
+    if target.stage == "conditioner":
+        pipe.model.conditioner.encode_text(Tensor(inputs["input_ids"].astype(np.int32)),
+                                           Tensor(inputs["input_ids_2"].astype(np.int32)))
+    elif target.stage == "unet":
+        pipe.unet(**inputs)
+    else:
+        pipe.decode(inputs["latents"])
+
+
+def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callable[[str], float],
+                   log: Callable[[str], None] = lambda s: None) -> Localisation:
+    """Own error of every captured module (the port module on the reference's inputs) and its
+    accumulated error (the port's stage run freely on the stage's recorded inputs)."""
+    index = reader.index
+    target = Target(index.stage, index.sampler, index.step)
+    model = pipe.model
+    start = time.perf_counter()
+    modules = [_module_at(model, pair.port_path) for pair in index.pairs]
+    rows: List[ModuleRow] = []
+    accumulated: Dict[int, float] = {}
+
+    def compare_output(i: int, out) -> None:
+        want = reader.tensor(i, "out")
+        accumulated[i] = rel_l2(want, to_reference_layout(index.pairs[i], out, want.shape))
+
+    with _eager():
+        log(f"port: free run of stage {target.stage} (accumulated error)")
+        with _observe({id(m): i for i, m in enumerate(modules)}, compare_output):
+            _run_port_freely(pipe, target, _stage_inputs(rec, target))
+        with progress_bar(total=len(index.pairs), desc=f"port: modules of {target.stage}",
+                          unit="module") as bar:
+            for i, (pair, module) in enumerate(zip(index.pairs, modules)):
+                recorded = reader.tensors(i)
+                own, error = None, ""
+                try:
+                    own = rel_l2(recorded["out"], run_port_module(pair, module, recorded))
+                except Exception as e:  # a module the adapter cannot drive: shown, not fatal
+                    error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                rows.append(ModuleRow(pair.module, pair.reference, pair.kind, own,
+                                      accumulated.get(i), bound_of(pair.kind), error))
+                bar.update(1)
+    step = target.step if target.stage == "unet" else None
+    return Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
+                        seconds=round(time.perf_counter() - start, 3))
+
+
+# ---- orchestration -----------------------------------------------------------------------------
+
+def port_structure(checkpoint) -> tuple:
+    """(model, cfg): the port's module tree for `checkpoint`, weights unallocated: what the
+    pairing needs on the recording side."""
+    from sdxl_ms.models.sdxl import build_sdxl
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+    from sdxl_ms.weights.loader import infer_preset
+
+    cfg = infer_preset(open_checkpoint(Path(checkpoint)))
+    return build_sdxl(cfg), cfg
+
+
+def record_modules(rec: Recording, ref, checkpoint, work_dir: Path,
+                   stages=LOCATABLE_STAGES, sampler: Optional[str] = None,
+                   step: Optional[int] = None,
+                   log: Callable[[str], None] = lambda s: None) -> None:
+    """Capture the reference's per-module tensors of `stages` into `work_dir` and attach them
+    to `rec` (saved with it), so `locate` later runs without torch."""
+    model, cfg = port_structure(checkpoint)
+    for stage in stages:
+        target = resolve_target(rec, stage, sampler, step)
+        path = Path(work_dir) / f"modules-{stage}.npz"
+        index = capture_reference(ref, model, cfg, rec, target, path, log=log)
+        rec.modules[stage] = (index.to_dict(), path)
+
+
+def _capture_for(rec: Recording, target: Target) -> Optional[tuple]:
+    found = rec.modules.get(target.stage)
+    if found is None:
+        return None
+    index = CaptureIndex.from_dict(found[0])
+    if (index.sampler, index.step) != (target.sampler, target.step):
+        return None
+    return index, found[1]
+
+
+def locate(rec: Recording, pipe, policy, stage: str, *, sampler: Optional[str] = None,
+           step: Optional[int] = None, checkpoint=None, work_dir: Optional[Path] = None,
+           reference=None, log: Callable[[str], None] = lambda s: None) -> Localisation:
+    """The module table of `stage`: from the recording's own module capture when it has one
+    for this sampler and step, else captured now from the reference (needs torch)."""
+    target = resolve_target(rec, stage, sampler, step)
+    bound_of = lambda kind: policy.module_bound(kind, rec.spec.dtype)  # noqa: E731
+    bound_of("default")  # a policy without module bounds fails before any work
+    found = _capture_for(rec, target)
+    if found is None:
+        from .reference import load_reference, require_reference
+
+        where = "the recording has none for it" if rec.modules else \
+            "the recording has no module captures (record it with --modules)"
+        require_reference(f"locating in stage '{stage}' ({where})")
+        if reference is None:
+            log(f"loading the reference from {checkpoint}")
+            reference = load_reference(checkpoint, dtype=rec.spec.dtype)
+        import tempfile
+
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="sdxl-parity-locate-"))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        path = work_dir / f"modules-{stage}.npz"
+        model, cfg = pipe.model, pipe.model.cfg
+        index = capture_reference(reference, model, cfg, rec, target, path, log=log)
+    else:
+        index, path = found
+    reader = CaptureReader(path, index)
+    try:
+        return locate_in_port(pipe, reader, rec, bound_of, log=log)
+    finally:
+        reader.close()
