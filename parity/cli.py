@@ -95,6 +95,28 @@ def _port_spec(args):
     return spec
 
 
+def _port_backend(args, dtype: str) -> None:
+    """`--jit` applied, and a dtype the port's backend cannot compute refused, before any work."""
+    from sdxl_ms.backend import settings
+
+    if getattr(args, "jit", None):
+        settings.set_jit(args.jit)
+    if dtype == "bfloat16":
+        import mindspore as ms
+
+        if ms.get_context("device_target") == "CPU":
+            raise InputError("the port cannot run in bfloat16 here: MindSpore's CPU backend has "
+                             "no bfloat16 kernels; record a bfloat16 golden on this machine "
+                             "(sdxl-parity record --dtype bfloat16 --out DIR) and check it on "
+                             "Ascend (sdxl-parity check --golden DIR)")
+
+
+def _wants_truth(args, dtype: str) -> bool:
+    """The float64 truth: asked for, or by default in reduced precision (where the verdict
+    compares the port with the reference's own error)."""
+    return args.truth if args.truth is not None else dtype != "float32"
+
+
 def cmd_run(args) -> int:
     from .policy import load_policy
     from .reference import require_reference
@@ -103,6 +125,7 @@ def cmd_run(args) -> int:
     require_reference("sdxl-parity run (it records the reference)")
     spec = _spec(args)
     _validate_spec(spec)
+    _port_backend(args, spec.dtype)
     port_spec = _port_spec(args)
     policy = load_policy(args.policy)
     stages = _stages(args)
@@ -113,7 +136,8 @@ def cmd_run(args) -> int:
     report = run(spec, out, policy=policy, port_spec=port_spec, stages=stages,
                  fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
-                 command=_command(args), locate=args.locate)
+                 command=_command(args), locate=args.locate,
+                 truth=_wants_truth(args, spec.dtype))
     return _finish(report, out)
 
 
@@ -131,6 +155,10 @@ def cmd_record(args) -> int:
     log = _log(args)
     if not args.modules:
         rec = record(spec, ckpt, progress=lambda w: log(f"reference: {w}"))
+        if _wants_truth(args, spec.dtype):
+            from .record import record_truth
+
+            record_truth(rec, ckpt, progress=lambda w: log(f"reference: {w}"))
         folder = rec.save(out)
     else:
         import tempfile
@@ -140,11 +168,16 @@ def cmd_record(args) -> int:
 
         ref = load_reference(ckpt, dtype=spec.dtype)
         rec = record(spec, ckpt, reference=ref, progress=lambda w: log(f"reference: {w}"))
+        if _wants_truth(args, spec.dtype):
+            from .record import record_truth
+
+            record_truth(rec, ckpt, progress=lambda w: log(f"reference: {w}"))
         with tempfile.TemporaryDirectory(prefix="sdxl-parity-modules-") as work:
             record_modules(rec, ref, ckpt, Path(work), sampler=args.locate_sampler,
                            step=args.step, log=log)
             folder = rec.save(out)
-    what = " and per-module tensors" if args.modules else ""
+    what = "".join(w for w, on in ((", float64 truth", "truth/" in " ".join(rec.tensors)),
+                                   (", per-module tensors", args.modules)) if on)
     print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps{what}) to {folder}")
     return EXIT_OK
 
@@ -175,6 +208,7 @@ def cmd_check(args) -> int:
 
     rec = Recording.load(check_existing(args.golden, "golden recording"))
     _check_golden_matches(rec, args)
+    _port_backend(args, rec.spec.dtype)
     port_spec = _port_spec(args)
     policy = load_policy(args.policy)
     stages = _stages(args)
@@ -192,6 +226,54 @@ def cmd_check(args) -> int:
                    junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                    command=_command(args), locate=args.locate)
     return _finish(report, out)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import DEFAULT_PROMPTS, calibrate, summary_rows
+    from .policy import load_policy
+    from .reference import require_reference
+    from .reports.markdown import markdown_table
+
+    require_reference("sdxl-parity calibrate (it records the reference and its truth)")
+    dtypes = [d for d in args.dtype.split(",") if d]
+    from sdxl_ms.pipeline import DTYPES
+
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise InputError(f"--dtype: unknown dtype(s) {', '.join(bad) or '(none)'}; choose from "
+                         f"{', '.join(sorted(DTYPES))}")
+    for d in dtypes:
+        _port_backend(args, d)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        raise InputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        path = check_existing(args.prompts, "prompt file")
+        prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not prompts:
+            raise InputError(f"prompt file {path} holds no prompt")
+    load_policy(args.base_policy)  # a bad base fails before any work
+    floors = None
+    if args.floors:
+        import json
+
+        path = check_existing(args.floors, "floors file")
+        try:
+            floors = json.loads(path.read_text())
+            floors["dtypes"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path} is not a floors.json written by sdxl-parity calibrate") from None
+    out = check_output_dir(args.out, "calibration folder")
+    paths = calibrate(out, dtypes, seeds, prompts, base_policy=args.base_policy,
+                      preset=args.preset, log=_log(args), floors=floors, name=args.name)
+    floors = __import__("json").loads(paths["floors"].read_text())
+    print("\n".join(markdown_table(["dtype", "stage", "port vs ref (rel_l2)", "ref vs truth",
+                            "port vs truth", "truth_ratio"], summary_rows(floors))))
+    print(f"wrote {paths['floors']} and {paths['policy']} "
+          f"(use it with --policy {paths['policy']})")
+    return EXIT_OK
 
 
 def cmd_locate(args) -> int:
@@ -275,6 +357,10 @@ def _add_run_options(p, spec_options: bool = True) -> None:
         p.add_argument("--height", type=int, default=None)
         p.add_argument("--width", type=int, default=None)
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        p.add_argument("--truth", action=argparse.BooleanOptionalAction, default=None,
+                       help="also run the reference in float64 on the same inputs, so each "
+                            "tensor gets port-vs-truth and reference-vs-truth errors (default: "
+                            "on for float16/bfloat16, off for float32)")
     else:  # check: optional expectations on the golden
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="fail unless the golden was recorded with this preset")
@@ -293,6 +379,10 @@ def _add_check_options(p) -> None:
     p.add_argument("--stages", default=None, help="comma-separated subset of stages")
     p.add_argument("--fail-fast", action="store_true",
                    help="skip the stages after the first that fails or errors")
+    p.add_argument("--jit", choices=("off", "blocks", "model"), default=None,
+                   help="the port's execution mode: PyNative, one graph per block structure, "
+                        "or one graph per network (default: SDXL_MS_JIT, else off); recorded "
+                        "in the report")
     p.add_argument("--locate", action="store_true",
                    help="name the first divergent module of the first failing stage "
                         "(conditioner, unet or decode): see `sdxl-parity locate`")
@@ -350,6 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(c, spec_options=False)
     _add_check_options(c)
     c.set_defaults(func=cmd_check)
+
+    ca = sub.add_parser("calibrate", parents=common,
+                        help="measure the floors (port vs reference, each vs the float64 "
+                             "truth) over seeds and prompts; write floors.json and a policy")
+    ca.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ca.add_argument("--dtype", default="float32,float16", help="comma-separated dtypes")
+    ca.add_argument("--seeds", default="0,1", help="comma-separated noise seeds")
+    ca.add_argument("--prompts", default=None, help="a file, one prompt per line "
+                                                    "(default: two built-in prompts)")
+    ca.add_argument("--base-policy", default="default",
+                    help="policy whose other bounds are kept (default: the packaged one)")
+    ca.add_argument("--out", default="calibration", help="folder (default: ./calibration)")
+    ca.add_argument("--floors", default=None,
+                    help="derive the policy from this floors.json instead of measuring")
+    ca.add_argument("--name", default="calibrated", help="the written policy's name")
+    ca.set_defaults(func=cmd_calibrate)
 
     lo = sub.add_parser("locate", parents=common,
                         help="name the first divergent module: each port module run on the "

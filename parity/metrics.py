@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -63,6 +63,7 @@ METRIC_DIRECTIONS: Dict[str, str] = {
     "ssim": "min",
     "ratio_rel_err_le_1e3": "min",
     "ratio_rel_err_le_5e3": "min",
+    "truth_ratio": "max",
 }
 
 MSPROBE_COLUMNS = ("Cosine", "MaxAbsErr", "MaxRelativeErr", "One Thousandth Err Ratio",
@@ -125,10 +126,14 @@ class _MetricsBase:
     def from_dict(cls, d: Dict[str, Any]):
         kw = {}
         for f in fields(cls):
+            if f.name not in d and f.default is None:  # optional fields of newer reports
+                continue
             v = d[f.name]
-            if f.name == "shape":
+            if v is None:
+                pass
+            elif f.name == "shape":
                 v = tuple(int(s) for s in v)
-            elif f.type in ("float", float):
+            elif f.type in ("float", float, "Optional[float]"):
                 v = decode_float(v)
             elif f.type in ("int", int):
                 v = int(v)
@@ -157,11 +162,19 @@ class TensorMetrics(_MetricsBase):
     nonfinite_ref: int
     rtol: float
     atol: float
+    # against the float64 truth (`record --truth`): the reference's own error, the port's, and
+    # port_vs_truth / max(ref_vs_truth, truth_floor); None without a truth
+    ref_vs_truth: Optional[float] = None
+    port_vs_truth: Optional[float] = None
+    truth_ratio: Optional[float] = None
 
     def values(self) -> Dict[str, float]:
-        return {k: getattr(self, k) for k in (
+        out = {k: getattr(self, k) for k in (
             "max_abs", "mean_abs", "max_rel", "rel_l2", "cosine", "psnr_db", "mismatch_ratio",
             "ratio_rel_err_le_1e3", "ratio_rel_err_le_5e3")}
+        if self.truth_ratio is not None:
+            out["truth_ratio"] = self.truth_ratio
+        return out
 
     def msprobe(self) -> Dict[str, float]:
         """The same numbers under msprobe's compare-result column names."""
@@ -228,9 +241,13 @@ def guarded_rel_err(ref: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.abs(d) / np.maximum(aref, floor)
 
 
-def compare(ref: Any, port: Any, *, rtol: float, atol: float) -> TensorMetrics:
+def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
+            truth_floor: float = 0.0) -> TensorMetrics:
     """Compare two float tensors of the same shape; `rtol`/`atol` define `mismatch_ratio`
-    (torch.testing's defaults are in `parity.policy.TORCH_TOLERANCES`)."""
+    (torch.testing's defaults are in `parity.policy.TORCH_TOLERANCES`). With `truth` (the
+    reference computed in float64 on the same inputs) also each side's rel L2 against it and
+    `truth_ratio` = port_vs_truth / max(ref_vs_truth, truth_floor): how much worse than the
+    reference's own rounding the port is."""
     ref = _to_numpy(ref).astype(np.float64, copy=False)
     port = _to_numpy(port).astype(np.float64, copy=False)
     _check_shapes(ref, port)
@@ -284,11 +301,28 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float) -> TensorMetrics:
                      rel_l2=rel_l2, cosine=cosine, psnr_db=psnr,
                      ratio_rel_err_le_1e3=float((rel <= 1e-3).mean()),
                      ratio_rel_err_le_5e3=float((rel <= 5e-3).mean()))
+    if truth is not None:
+        t = _to_numpy(truth).astype(np.float64, copy=False)
+        _check_shapes(t, ref)
+        stats.update(_against_truth(ref, port, t, truth_floor))
     return TensorMetrics(
         shape=tuple(int(s) for s in ref.shape), numel=numel,
         mismatch_ratio=(mismatches / numel) if numel else 0.0, mismatches=mismatches,
         nonfinite_port=nonfinite_port, nonfinite_ref=nonfinite_ref,
         rtol=float(rtol), atol=float(atol), **stats)
+
+
+def _against_truth(ref: np.ndarray, port: np.ndarray, truth: np.ndarray,
+                   floor: float) -> Dict[str, float]:
+    norm_t = float(np.linalg.norm(truth.ravel()))
+
+    def err(x: np.ndarray) -> float:
+        d = float(np.linalg.norm((x - truth).ravel()))
+        return d / norm_t if norm_t > 0 else d
+    ref_err, port_err = err(ref), err(port)
+    denom = max(ref_err, floor)
+    ratio = port_err / denom if denom > 0 else (0.0 if port_err == 0 else math.inf)
+    return {"ref_vs_truth": ref_err, "port_vs_truth": port_err, "truth_ratio": ratio}
 
 
 def compare_exact(ref: Any, port: Any) -> ExactMetrics:

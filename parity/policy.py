@@ -27,7 +27,8 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
@@ -46,6 +47,8 @@ __all__ = ["DTYPES", "TORCH_TOLERANCES", "Bound", "Judgement", "Policy", "Policy
 
 SCHEMA_VERSION = 1
 DTYPES: Tuple[str, ...] = ("float32", "float16", "bfloat16")
+# bounds a truth_ratio bound replaces when the recording holds the float64 truth
+TRUTH_REPLACES: Tuple[str, ...] = ("rel_l2", "mismatch_ratio")
 # torch.testing.assert_close defaults (rtol, atol).
 TORCH_TOLERANCES: Dict[str, Tuple[float, float]] = {
     "float32": (1.3e-6, 1e-5), "float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5)}
@@ -95,6 +98,10 @@ class StagePolicy:
     bounds: Tuple[Bound, ...]
     rtol: float
     atol: float
+    truth_floor: float = 0.0  # the smallest reference error a truth_ratio divides by
+    # [stage.<s>.<dtype>.device.<name>]: the same table with these keys replaced, for a port on
+    # that device (cpu, cuda, ascend) or for a golden from another device than the port's (cross)
+    devices: Dict[str, "StagePolicy"] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +114,13 @@ class Policy:
     source: str = ""
     schema_version: int = SCHEMA_VERSION
     modules: Dict[str, Dict[str, float]] = None  # dtype -> module kind (or "default") -> own rel_l2 bound
+    context: Tuple[str, ...] = ()  # device keys in effect (`for_devices`), later ones win
+
+    def for_devices(self, port: str, reference: str) -> "Policy":
+        """This policy for a port on device `port` checked against a golden recorded on
+        `reference`: their device tables apply, and the `cross` table when they differ."""
+        context = (port,) + (("cross",) if port != reference else ())
+        return dataclasses.replace(self, context=context)
 
     def module_bound(self, kind: str, dtype: str) -> float:
         """The own-error bound (rel L2) of one module of `kind` (a port class name) at `dtype`,
@@ -129,7 +143,10 @@ class Policy:
         if dtype not in self.stages[stage]:
             raise PolicyError(f"policy '{self.name}' has no bounds for stage {stage!r} with "
                               f"dtype {dtype!r} (it covers: {', '.join(self.stages[stage])})")
-        return self.stages[stage][dtype]
+        base = sp = self.stages[stage][dtype]
+        for device in self.context:  # the last table that exists wins (cross over a device)
+            sp = base.devices.get(device, sp)
+        return sp
 
     def check_covers(self, stages: Iterable[str], dtype: str) -> None:
         """Bounds exist for every stage to run at `dtype` (the conditioner judges its zeroed
@@ -146,6 +163,10 @@ class Policy:
         sp = self._get(stage, dtype)
         return {"rtol": sp.rtol, "atol": sp.atol}
 
+    def truth_floor(self, stage: str, dtype: str) -> float:
+        """The absolute floor under the reference's own error in `truth_ratio`."""
+        return self._get(stage, dtype).truth_floor
+
     def limits(self, stage: str, dtype: str) -> Dict[str, Dict[str, float]]:
         """Bounds as `{toml_key: {"warn": w, "fail": f}}` (stored in StageResult for plots)."""
         return {b.key: {"warn": b.warn, "fail": b.fail} for b in self._get(stage, dtype).bounds}
@@ -161,6 +182,11 @@ class Policy:
             if n:
                 fails.append(f"{side} has {n} non-finite values (NaN/Inf)")
         applied = [b for b in sp.bounds if b.metric in values]
+        if "truth_ratio" in values and any(b.metric == "truth_ratio" for b in applied):
+            # measured against the float64 truth, "no worse than the reference itself"
+            # replaces the port-vs-reference error bounds (both sides round; which is nearer
+            # to the truth is what separates a bug from precision)
+            applied = [b for b in applied if b.metric not in TRUTH_REPLACES]
         if not applied:
             raise PolicyError(
                 f"policy '{self.name}' stage {stage!r} ({dtype}) has no bound on any metric of "
@@ -241,14 +267,31 @@ def _parse_bound(key: str, value: Any, where: str) -> Bound:
     return Bound(metric=metric, direction=direction, warn=warn, fail=fail)
 
 
+DEVICES = ("cpu", "cuda", "ascend", "cross")
+
+
 def _parse_stage_dtype(table: Any, dtype: str, where: str) -> StagePolicy:
     if not isinstance(table, dict):
         raise PolicyError(f"{where}: expected a table")
+    overrides = table.get("device", {})
+    if not isinstance(overrides, dict):
+        raise PolicyError(f"{where}.device: expected [..device.<name>] tables")
+    table = {k: v for k, v in table.items() if k != "device"}
+    devices = {}
+    for name, override in overrides.items():
+        if name not in DEVICES:
+            raise PolicyError(f"{where}.device: unknown device {name!r} (known: {', '.join(DEVICES)})")
+        if not isinstance(override, dict):
+            raise PolicyError(f"{where}.device.{name}: expected a table")
+        devices[name] = _parse_stage_dtype({**table, **override}, dtype, f"{where}.device.{name}")
     rtol, atol = TORCH_TOLERANCES[dtype]
+    truth_floor = 0.0
     bounds: List[Bound] = []
     for key, value in table.items():
         kw = f"{where}.{key}"
-        if key == "rtol":
+        if key == "truth_floor":
+            truth_floor = _number(value, kw)
+        elif key == "rtol":
             rtol = _number(value, kw)
         elif key == "atol":
             atol = _number(value, kw)
@@ -266,7 +309,8 @@ def _parse_stage_dtype(table: Any, dtype: str, where: str) -> StagePolicy:
     dup = {m for m in metrics if metrics.count(m) > 1}
     if dup:
         raise PolicyError(f"{where}: metric bounded twice: {', '.join(sorted(dup))}")
-    return StagePolicy(bounds=tuple(bounds), rtol=rtol, atol=atol)
+    return StagePolicy(bounds=tuple(bounds), rtol=rtol, atol=atol, truth_floor=truth_floor,
+                       devices=devices)
 
 
 def parse_policy(data: Dict[str, Any], source: str = "<dict>") -> Policy:
@@ -327,6 +371,12 @@ def _parse_modules(table: Any, source: str) -> Dict[str, Dict[str, float]]:
 def load_policy(path: Union[str, os.PathLike, None] = None) -> Policy:
     """Load a policy file. `None` loads the packaged `default` policy; a bare name without a
     path separator or ".toml" suffix (e.g. "default") loads the packaged policy of that name."""
+    source, text = read_policy_text(path)
+    return parse_policy_text(text, source)
+
+
+def read_policy_text(path: Union[str, os.PathLike, None] = None) -> Tuple[str, str]:
+    """(source, TOML text) of a policy named as `load_policy` takes it."""
     if path is None:
         path = "default"
     text_path = os.fspath(path)
@@ -342,7 +392,14 @@ def load_policy(path: Union[str, os.PathLike, None] = None) -> Policy:
             raise PolicyError(f"cannot read policy file {text_path}: {e.strerror or e}") from None
         source = text_path
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return source, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{source}: invalid TOML: {e}") from None
+
+
+def parse_policy_text(text: str, source: str) -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{source}: invalid TOML: {e}") from None
     return parse_policy(data, source)

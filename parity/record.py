@@ -14,8 +14,9 @@ import numpy as np
 from sdxl_ms.progress import bar as progress_bar
 
 from .contract import to_images
+from .contract import ENCODE_OUTPUTS, cfg_batch
 from .recording import (Recording, RunSpec, call_key, conditioner_key, probe_key, sampler_key,
-                        tokens_key)
+                        tokens_key, truth_key)
 
 # schedulers whose latents live in another parametrisation than the port's variance-exploding x
 _VP_LATENTS = {"dpmpp_2m"}
@@ -131,6 +132,50 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
     if spec.checkpoint is None:  # seeded: `check` regenerates it, so pin what the seed meant
         meta["checkpoint_generator_version"] = GENERATOR_VERSION
     return Recording(spec=spec, tensors=tensors, schedules=schedules, meta=meta)
+
+
+def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
+    """Add the float64 truth to `rec`: the reference in float64 on exactly the inputs each
+    stage feeds both sides (teacher-forced), for every conditioner output, UNet call and
+    decode. Stored as float32 (its rounding, 6e-8, is far below any dtype's error here)."""
+    from .reference import load_reference
+
+    tick = progress or (lambda what: None)
+    tick("float64 truth: loading")
+    truth = truth or load_reference(checkpoint, dtype="float64")
+    if rec.spec.dtype != "float32":
+        round_weights(truth, rec.spec.dtype)
+    spec, size = rec.spec, (rec.meta["height"], rec.meta["width"])
+    tick("float64 truth: conditioner")
+    for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
+        out = truth.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
+                                  crops_coords_top_left=spec.cond_crop, target_size=size)
+        rec.tensors.update({truth_key(conditioner_key(variant, k)): v for k, v in out.items()})
+    batch = cfg_batch({k: rec.get(conditioner_key("generation", k)) for k in ENCODE_OUTPUTS})
+    for sampler in spec.samplers:
+        tick(f"float64 truth: UNet calls and decode of {sampler}")
+        for k in range(rec.unet_calls(sampler)):
+            rec.tensors[truth_key(call_key(sampler, k, "eps"))] = truth.unet(
+                rec.get(call_key(sampler, k, "x_in")), rec.get(call_key(sampler, k, "timestep")),
+                **batch)
+        rec.tensors[truth_key(sampler_key(sampler, "decoded"))] = truth.decode(
+            rec.get(sampler_key(sampler, "latents"))[-1])
+    rec.tensors[truth_key(probe_key("decoded"))] = truth.decode(rec.get(probe_key("latents")))
+    rec.meta["truth"] = {"dtype": "float64", "device": str(truth.device),
+                         "stages": ["conditioner", "unet", "decode"]}
+
+
+def round_weights(ref, dtype: str) -> None:
+    """Round a float64 reference's weights through `dtype` (kept in float64): the truth of a
+    reduced-precision run computes exactly on the weights both sides hold, so the reference's
+    error against it is its arithmetic alone. Unrounded weights would add an error both sides
+    share (*measured*, tiny fp16 UNet: ref-vs-truth 3e-3 with unrounded weights), which hides
+    a port's own arithmetic bugs under it."""
+    torch = ref.torch
+    with torch.no_grad():
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+            for p in getattr(ref.pipe, name).parameters():
+                p.copy_(p.to(getattr(torch, dtype)).to(p.dtype))
 
 
 def reference_versions(ref) -> Dict[str, str]:

@@ -16,6 +16,9 @@ Tensor names (`<s>` is a sampler name, `<k>` a UNet call, `<i>` a sampler step):
                                                     port's (variance-exploding) parametrisation
   <s>/decoded, <s>/image                            float (B,3,H,W) and uint8 (B,H,W,3)
   decode_probe/latents, decode_probe/decoded        a low-amplitude decode, sensitive to eps bugs
+  truth/<key>                                       `record --truth`: the reference in float64 on
+                                                    the same inputs, teacher-forced, for the
+                                                    conditioner outputs, UNet eps and decodes
 """
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ def call_key(sampler: str, call: int, what: str) -> str:
 def sampler_key(sampler: str, what: str) -> str:
     """what: initial_noise, step_noise, latents, decoded or image."""
     return f"{sampler}/{what}"
+
+
+def truth_key(key: str) -> str:
+    """The float64 reference's value of recording tensor `key` (`record --truth`)."""
+    return f"truth/{key}"
 
 
 def probe_key(what: str) -> str:
@@ -119,6 +127,10 @@ class Recording:
             return self.tensors[name]
         except KeyError:
             raise RecordingError(f"recording {self.path or ''} has no tensor {name!r}") from None
+
+    def truth(self, key: str) -> Optional[np.ndarray]:
+        """The float64 truth of tensor `key`, or None when the recording has none."""
+        return self.tensors.get(truth_key(key))
 
     def unet_calls(self, sampler: str) -> int:
         calls = 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from sdxl_ms.errors import MissingExtraError
 
-TORCH_DTYPES = ("float32", "float16", "bfloat16")
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: the truth
 
 
 def require_reference(what: str = "the reference (diffusers)") -> None:
@@ -101,9 +101,20 @@ class ReferencePipeline:
         torch = self.torch
         vae = self.pipe.vae
         z = np.asarray(latents, np.float32) / np.float32(vae.config.scaling_factor)
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae = self._upcast_vae()  # as StableDiffusionXLPipeline decodes: in float32
         with torch.no_grad():
             img = vae.decode(torch.from_numpy(z).to(self.device, vae.dtype)).sample
         return to_numpy(img)
+
+    def _upcast_vae(self):
+        """A float32 copy of the float16 VAE (its weights cast up), made once."""
+        vae = self.__dict__.get("_vae_float32")
+        if vae is None:
+            import copy
+
+            vae = self._vae_float32 = copy.deepcopy(self.pipe.vae).float()
+        return vae
 
     # ---- text to image ----------------------------------------------------------------------
 
@@ -165,7 +176,14 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
         warnings.simplefilter("ignore", FutureWarning)
         pipe = StableDiffusionXLPipeline.from_pretrained(
             str(folder), local_files_only=True, torch_dtype=getattr(torch, dtype))
-    pipe = pipe.to(device)
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "float16 cannot run on cpu": torch 2.13's can
+    try:
+        pipe = pipe.to(device)
+    finally:
+        diffusers_logging.set_verbosity(level)
     pipe.set_progress_bar_config(disable=True)
     return ReferencePipeline(pipe, device)
 

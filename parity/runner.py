@@ -53,6 +53,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     ckpt = resolve_checkpoint(spec, checkpoint, rec.meta.get("checkpoint_generator_version"))
+    devices = {"port": port_device(), "reference": reference_device(rec)}
+    policy = policy.for_devices(devices["port"], devices["reference"])
     policy.check_covers([s for s in stages], spec.dtype)
     if port is None:
         port_spec = port_spec or PortSpec.parse(BUILTIN)
@@ -95,6 +97,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         "reference": rec.meta.get("reference", {}),
         "port": {**describe(port, port_spec), **port_versions()},
         "execution": execution_summary(),
+        "devices": {**devices, "policy_keys": list(policy.context)},
         "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
         "stage_seconds": timings,
     }
@@ -132,14 +135,16 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         port_spec: Optional[PortSpec] = None, stages: Sequence[str] = STAGES,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
         log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
-        locate: bool = False) -> ParityReport:
-    from .record import record
+        locate: bool = False, truth: bool = False) -> ParityReport:
+    from .record import record, record_truth
 
     policy = policy or load_policy()
     policy.check_covers(stages, spec.dtype)  # a policy that cannot judge fails before any work
     ckpt = resolve_checkpoint(spec)
     log(f"recording the reference (diffusers) on {ckpt}")
     rec = record(spec, ckpt, progress=lambda what: log(f"reference: {what}"))
+    if truth:
+        record_truth(rec, ckpt, progress=lambda what: log(f"reference: {what}"))
     rec.save(Path(out_dir) / "recording")
     return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
                  stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
@@ -155,6 +160,19 @@ def port_versions() -> Dict[str, str]:
 
     return {"sdxl_ms": sdxl_ms.__version__, "mindspore": mindspore.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def port_device() -> str:
+    """The port's device as policies key it: cpu, cuda or ascend."""
+    import mindspore as ms
+
+    target = str(ms.get_context("device_target")).lower()
+    return {"gpu": "cuda"}.get(target, target)
+
+
+def reference_device(rec: Recording) -> str:
+    """The device the golden's reference ran on (cpu, cuda, ...), from its versions."""
+    return str(rec.meta.get("reference", {}).get("device", "cpu")).split(":")[0].lower()
 
 
 def execution_summary() -> Dict:

@@ -34,8 +34,11 @@ class StageContext:
     port_images: Dict[str, np.ndarray] = field(default_factory=dict)  # filled by trajectory
     notes: Dict[str, List[str]] = field(default_factory=dict)  # per stage, shown in the report
 
-    def judge(self, stage: str, name: str, ref, port, step: Optional[int] = None) -> TensorResult:
-        m = compare(ref, port, **self.policy.tolerances(stage, self.dtype))
+    def judge(self, stage: str, name: str, ref, port, step: Optional[int] = None,
+              truth=None) -> TensorResult:
+        """`truth`: the float64 reference on the same inputs, where the recording has it."""
+        m = compare(ref, port, **self.policy.tolerances(stage, self.dtype), truth=truth,
+                    truth_floor=self.policy.truth_floor(stage, self.dtype))
         return self.policy.tensor_result(stage, self.dtype, name, m, step=step)
 
     @property
@@ -120,7 +123,8 @@ def stage_conditioner(ctx: StageContext) -> StageResult:
                 m = compare_exact(want, got[key])
                 tensors.append(ctx.policy.tensor_result("tokens", ctx.dtype, f"{variant}/{key}", m))
             else:
-                tensors.append(ctx.judge("conditioner", f"{variant}/{key}", want, got[key]))
+                tensors.append(ctx.judge("conditioner", f"{variant}/{key}", want, got[key],
+                                         truth=ctx.rec.truth(conditioner_key(variant, key))))
     return ctx.result("conditioner", tensors)
 
 
@@ -137,12 +141,15 @@ def stage_unet(ctx: StageContext) -> StageResult:
     for sampler in ctx.rec.spec.samplers:
         for k in range(ctx.rec.unet_calls(sampler)):
             want = ctx.rec.get(call_key(sampler, k, "eps"))
+            truth = ctx.rec.truth(call_key(sampler, k, "eps"))
             got = ctx.port.unet(ctx.rec.get(call_key(sampler, k, "x_in")),
                                 ctx.rec.get(call_key(sampler, k, "timestep")), **batch)
-            for name, w, g in (("eps_uncond", want[:1], got[:1]), ("eps_cond", want[1:], got[1:]),
-                               ("eps_guided", guide(want, scale),
-                                port_guide(ctx, "unet", got, scale))):
-                tensors.append(ctx.judge("unet", f"{sampler}/{name}", w, g, step=k))
+            for name, w, g, t in (
+                    ("eps_uncond", want[:1], got[:1], None if truth is None else truth[:1]),
+                    ("eps_cond", want[1:], got[1:], None if truth is None else truth[1:]),
+                    ("eps_guided", guide(want, scale), port_guide(ctx, "unet", got, scale),
+                     None if truth is None else guide(truth, scale))):
+                tensors.append(ctx.judge("unet", f"{sampler}/{name}", w, g, step=k, truth=t))
     return ctx.result("unet", tensors)
 
 
@@ -202,9 +209,11 @@ def stage_decode(ctx: StageContext) -> StageResult:
         final = ctx.rec.get(sampler_key(sampler, "latents"))[-1]
         tensors.append(ctx.judge("decode", f"{sampler}/decoded",
                                  ctx.rec.get(sampler_key(sampler, "decoded")),
-                                 ctx.port.decode(final)))
+                                 ctx.port.decode(final),
+                                 truth=ctx.rec.truth(sampler_key(sampler, "decoded"))))
     tensors.append(ctx.judge("decode", "probe/decoded", ctx.rec.get(probe_key("decoded")),
-                             ctx.port.decode(ctx.rec.get(probe_key("latents")))))
+                             ctx.port.decode(ctx.rec.get(probe_key("latents"))),
+                             truth=ctx.rec.truth(probe_key("decoded"))))
     return ctx.result(
         "decode", tensors,
         notes=["probe: a 0.1-amplitude latent, where normalisation epsilons are not negligible"])

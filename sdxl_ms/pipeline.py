@@ -98,9 +98,34 @@ class SDXLPipeline:
         return _f32(eps)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """vae.decode(latents / scale_factor): float32 (B,3,H,W) in about [-1, 1], unclipped."""
+        """vae.decode(latents / scale_factor): float32 (B,3,H,W) in about [-1, 1], unclipped.
+        A float16 model decodes with `decoding_vae()` (float32)."""
         z = Tensor(np.asarray(latents, np.float32) / np.float32(self.cfg.vae.scale_factor))
-        return _f32(self.model.first_stage_model.decode(z.astype(self.dtype)))
+        vae = self.decoding_vae()
+        return _f32(vae.decode(z.astype(vae.dtype)))
+
+    def decoding_vae(self):
+        """The VAE that decodes. For float16 a float32 copy of the float16 weights, made once:
+        SDXL's VAE overflows in float16 activations, so diffusers upcasts it (its VAE config's
+        `force_upcast`, true for SDXL) and the port does the same (docs/porting-notes.md,
+        section 4). bfloat16 has float32's range and decodes as it is."""
+        vae = self.model.first_stage_model
+        if self.dtype != ms.float16:
+            return vae
+        upcast = self.__dict__.get("_vae_float32")
+        if upcast is None:
+            from mindspore.nn.utils import no_init_parameters
+
+            from .models.autoencoder import AutoencoderKL
+            from .weights.state import set_weights
+
+            with no_init_parameters():
+                upcast = AutoencoderKL(vae.cfg, ms.float32)
+            set_weights(upcast, ((n, p.asnumpy().astype(np.float32))
+                                 for n, p in vae.parameters_and_names()))
+            upcast.set_train(False)
+            self._vae_float32 = upcast
+        return upcast
 
     def guide(self, eps: np.ndarray, scale: float) -> np.ndarray:
         """Classifier-free guidance of an uncond-first eps batch (the sampler's own CFG)."""

@@ -63,7 +63,7 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
     out = ["| " + " | ".join(_md(h) for h in header) + " |",
            "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
@@ -97,7 +97,7 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
         lines.append(f"- {key}: `{meta_value(report.meta[key])}`")
     lines += ["", "## Summary", ""]
     stages = report.ordered_stages()
-    lines += _table(SUMMARY_HEADER, summary_rows(report))
+    lines += markdown_table(SUMMARY_HEADER, summary_rows(report))
     for s in stages:
         lines += ["", f"## Stage `{s.name}`: {s.verdict.value.upper()}", ""]
         if s.error:
@@ -117,12 +117,12 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
             cols = stage_columns(s.tensors)
             rows = [[t.name, "" if t.step is None else t.step, t.verdict.value.upper()]
                     + [cell(t, c) for c in cols] + ["; ".join(t.reasons)] for t in s.tensors]
-            lines += _table(["tensor", "step", "verdict"] + cols + ["reasons"], rows)
+            lines += markdown_table(["tensor", "step", "verdict"] + cols + ["reasons"], rows)
         if s.per_step:
             names = list(s.per_step)
             n = max(len(v) for v in s.per_step.values())
             lines += ["", "Per-step series:", ""]
-            lines += _table(["step"] + names, [
+            lines += markdown_table(["step"] + names, [
                 [i] + [format_value(s.per_step[k][i]) if i < len(s.per_step[k]) else ""
                        for k in names] for i in range(n)])
     lines += module_markdown(report.localisation)
