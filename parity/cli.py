@@ -24,7 +24,7 @@ def cmd_make_checkpoint(args) -> int:
     from sdxl_ms.weights.synthetic import make_checkpoint
 
     out = make_checkpoint(get_preset(args.preset), args.seed, Path(args.out), args.format,
-                          args.dtype, overwrite=args.force)
+                          args.dtype, overwrite=args.force, variant=args.variant)
     print(f"wrote {args.format} checkpoint ({args.preset}, seed {args.seed}) to {out}")
     return EXIT_OK
 
@@ -137,7 +137,7 @@ def cmd_run(args) -> int:
                  fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                  command=_command(args), locate=args.locate,
-                 truth=_wants_truth(args, spec.dtype))
+                 truth=_wants_truth(args, spec.dtype), quiet=args.quiet)
     return _finish(report, out)
 
 
@@ -406,10 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write seeded random weights in a real layout")
     m.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", required=True, help="folder (diffusers) or .safetensors file (sgm)")
+    m.add_argument("--out", required=True, help="folder (diffusers), .safetensors file (sgm) or "
+                                                ".ckpt file (mindspore)")
     m.add_argument("--format", choices=FORMATS, default="diffusers")
     m.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     m.add_argument("--force", action="store_true", help="replace an existing output")
+    m.add_argument("--variant", choices=("fp16",), default=None,
+                   help="diffusers only: float16 weights in *.fp16.safetensors files, as the "
+                        "published SDXL folder's fp16 variant")
     m.set_defaults(func=cmd_make_checkpoint)
 
     r = sub.add_parser("run", parents=common, help="record the reference and check the port "

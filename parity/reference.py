@@ -164,18 +164,30 @@ def to_numpy(t) -> np.ndarray:
 
 def load_reference(path: Union[str, Path], dtype: str = "float32", device: str = "cpu",
                    scheduler: Optional[str] = None) -> ReferencePipeline:
-    """diffusers `StableDiffusionXLPipeline` for a diffusers folder or an sgm single file."""
+    """diffusers `StableDiffusionXLPipeline` for a diffusers folder (plain or fp16-variant
+    files), an sgm single file (diffusers' own single-file loader, with configs written
+    from this package, so nothing is fetched) or a MindSpore .ckpt (converted through the
+    key maps to a cached diffusers folder: diffusers cannot read it)."""
     torch = _torch()
     from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_ms.weights.checkpoint import SGM, detect_format, detect_variant
 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     configure_torch_determinism(torch)
-    folder = diffusers_folder_for(Path(path))
+    path = Path(path)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; both still load
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            str(folder), local_files_only=True, torch_dtype=getattr(torch, dtype))
+        if path.is_file() and detect_format(path) == SGM:
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(single_file_configs(path)), local_files_only=True,
+                torch_dtype=getattr(torch, dtype))
+        else:
+            folder = diffusers_folder_for(path)
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(folder), local_files_only=True, torch_dtype=getattr(torch, dtype),
+                variant=detect_variant(folder))
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
@@ -188,8 +200,24 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
     return ReferencePipeline(pipe, device)
 
 
+def single_file_configs(path: Path) -> Path:
+    """The weight-free diffusers folder (configs, tokenizers) of the preset an sgm file holds,
+    written once into the cache, for `from_single_file(config=...)`."""
+    from sdxl_ms.paths import cache_dir
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+    from sdxl_ms.weights.loader import infer_preset
+    from sdxl_ms.weights.synthetic import GENERATOR_VERSION, write_config_folder
+
+    cfg = infer_preset(open_checkpoint(path))
+    out = cache_dir() / "configs" / f"{cfg.name}-v{GENERATOR_VERSION}"
+    if not (out / "model_index.json").is_file():
+        write_config_folder(cfg, out)
+    return out
+
+
 def diffusers_folder_for(path: Path) -> Path:
-    """The path itself for a diffusers folder; for an sgm file, a cached converted folder."""
+    """The path itself for a diffusers folder; for an sgm file or a MindSpore .ckpt (sgm
+    names), a cached converted folder."""
     from sdxl_ms.weights.checkpoint import DIFFUSERS, detect_format
 
     if detect_format(path) == DIFFUSERS:
@@ -205,12 +233,13 @@ def diffusers_folder_for(path: Path) -> Path:
 
 
 def convert_sgm_file_to_diffusers(path: Path, out: Path) -> Path:
-    """Write the diffusers folder holding the same weights as an sgm single file."""
-    from sdxl_ms.weights.checkpoint import SgmCheckpoint
+    """Write the diffusers folder holding the same weights as an sgm-named single file
+    (`.safetensors` or MindSpore `.ckpt`), tensor by tensor."""
+    from sdxl_ms.weights.checkpoint import open_checkpoint
     from sdxl_ms.weights.loader import infer_preset
     from sdxl_ms.weights.synthetic import write_diffusers_folder
 
-    ckpt = SgmCheckpoint(path)
+    ckpt = open_checkpoint(path)
     cfg = infer_preset(ckpt)
     write_diffusers_folder(cfg, ckpt.get, out, np.float32,
                            {"converted_from": str(path), "preset": cfg.name})

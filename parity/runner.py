@@ -16,6 +16,7 @@ from sdxl_ms.progress import bar as progress_bar
 from .policy import Policy, load_policy
 from .recording import Recording, RecordingError, RunSpec
 from .guard import PortError, PortGuard
+from .isolated import peak_rss_bytes
 from .ports import BUILTIN, PortSpec, describe, load_port
 from .results import ParityReport, StageResult, Verdict
 from .stages import STAGE_FUNCTIONS, STAGES, StageContext
@@ -41,7 +42,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
           port_spec: Optional[PortSpec] = None, checkpoint: Optional[str] = None,
           stages: Sequence[str] = STAGES, fail_fast: bool = False,
           junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
-          command: Optional[str] = None, locate: bool = False) -> ParityReport:
+          command: Optional[str] = None, locate: bool = False,
+          reference_process: Optional[Dict] = None) -> ParityReport:
     """Check a port against a recording. `locate`: name the first divergent module of the
     first failing stage (`parity.locate`). `port` is a built port object; else it is built from
     `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded."""
@@ -100,6 +102,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         "devices": {**devices, "policy_keys": list(policy.context)},
         "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
         "stage_seconds": timings,
+        "processes": {"port": {"peak_rss_bytes": peak_rss_bytes()},
+                      **({"reference": reference_process} if reference_process else {})},
     }
     report = ParityReport.build(results, meta)
     report.localisation = localisation
@@ -135,20 +139,22 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         port_spec: Optional[PortSpec] = None, stages: Sequence[str] = STAGES,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
         log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
-        locate: bool = False, truth: bool = False) -> ParityReport:
-    from .record import record, record_truth
+        locate: bool = False, truth: bool = False, quiet: bool = False) -> ParityReport:
+    """Record the reference in a process of its own (`parity.isolated`), then check the port
+    here: the two are never resident together."""
+    from .isolated import record_isolated
 
     policy = policy or load_policy()
     policy.check_covers(stages, spec.dtype)  # a policy that cannot judge fails before any work
     ckpt = resolve_checkpoint(spec)
-    log(f"recording the reference (diffusers) on {ckpt}")
-    rec = record(spec, ckpt, progress=lambda what: log(f"reference: {what}"))
-    if truth:
-        record_truth(rec, ckpt, progress=lambda what: log(f"reference: {what}"))
-    rec.save(Path(out_dir) / "recording")
+    log(f"recording the reference (diffusers) on {ckpt}, in a process of its own")
+    rec, stats = record_isolated(spec, ckpt, Path(out_dir) / "recording", truth=truth,
+                                 quiet=quiet)
+    log(f"reference: done in {stats['seconds']} s, peak RSS "
+        f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB")
     return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
                  stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
-                 command=command, locate=locate)
+                 command=command, locate=locate, reference_process=stats)
 
 
 def port_versions() -> Dict[str, str]:

@@ -34,13 +34,14 @@ def read_reference_keys(prefix: str = "") -> Dict[str, Tuple[int, ...]]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """The tiny preset, seed 0, in both formats (same weights)."""
+    """The tiny preset, seed 0, in the three formats (same weights)."""
     from sdxl_ms.config import TINY
     from sdxl_ms.weights.synthetic import make_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
     return {"diffusers": make_checkpoint(TINY, 0, root / "tiny-diffusers", "diffusers"),
-            "sgm": make_checkpoint(TINY, 0, root / "tiny.safetensors", "sgm")}
+            "sgm": make_checkpoint(TINY, 0, root / "tiny.safetensors", "sgm"),
+            "mindspore": make_checkpoint(TINY, 0, root / "tiny.ckpt", "mindspore")}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -104,12 +104,17 @@ def test_position_ids_buffer_is_tolerated(tmp_path, tiny_checkpoints):
     assert load_pipeline(path).cfg.name == "tiny"
 
 
-def test_truncated_file_is_a_clear_error(tmp_path, tiny_checkpoints):
-    data = tiny_checkpoints["sgm"].read_bytes()
-    cut = tmp_path / "cut.safetensors"
+@pytest.mark.parametrize("fmt,name,message", [
+    ("sgm", "cut.safetensors", "truncated or corrupt"),
+    ("mindspore", "cut.ckpt", "not a MindSpore checkpoint or is truncated")])
+def test_truncated_file_is_a_clear_error(tmp_path, tiny_checkpoints, fmt, name, message):
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+
+    data = tiny_checkpoints[fmt].read_bytes()
+    cut = tmp_path / name
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        SgmCheckpoint(cut)
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(cut)
     assert ms_main(["inspect", str(cut)]) == 2
 
 

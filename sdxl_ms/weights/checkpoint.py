@@ -3,6 +3,8 @@
 - `sgm`: one `.safetensors` file with the public single-file names (`model.diffusion_model.*`).
 - `diffusers`: a folder with `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/` weight files,
   addressed here as `unet/conv_in.weight` etc.
+- `mindspore`: a MindSpore `.ckpt` (protobuf, no pickle) with the sgm names, as mindone's SDXL
+  conversion writes it (`mindspore_ckpt.py`).
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import numpy as np
 
 from .keymap import COMPONENT_FILES, split_component
 from .keymap_text import canonical_text_encoder_key
+from .mindspore_ckpt import MindSporeCheckpoint, is_mindspore_ckpt
 from .safetensors_io import CheckpointError, SafetensorsFile
 
 SGM, DIFFUSERS = "sgm", "diffusers"
-FORMATS = (SGM, DIFFUSERS)
+MINDSPORE = "mindspore"  # a MindSpore .ckpt with sgm names (mindspore_ckpt.py)
+FORMATS = (SGM, DIFFUSERS, MINDSPORE)
+SGM_NAMED = (SGM, MINDSPORE)  # formats whose tensors carry the port's own (sgm) names
 
 
 class SgmCheckpoint:
@@ -41,11 +46,12 @@ class DiffusersCheckpoint:
         self._files: Dict[str, SafetensorsFile] = {}
         self._file_key: Dict[str, str] = {}  # our spelling -> the key stored in the file
         self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.variant = detect_variant(self.path)
         for component, filename in COMPONENT_FILES.items():
-            f = self.path / component / filename
+            f = self.path / component / variant_file(filename, self.variant)
             if not f.is_file():
-                raise CheckpointError(f"diffusers checkpoint {self.path} has no {component}/{filename}"
-                                      " (only .safetensors weights are read)")
+                raise CheckpointError(f"diffusers checkpoint {self.path} has no {component}/"
+                                      f"{f.name} (only .safetensors weights are read)")
             self._files[component] = SafetensorsFile(f)
             for key, shape in self._files[component].shapes.items():
                 name = f"{component}/{_canonical(component, key)}"
@@ -55,6 +61,24 @@ class DiffusersCheckpoint:
     def get(self, name: str) -> np.ndarray:
         component, _ = split_component(name)
         return self._files[component].get(self._file_key[name])
+
+
+def variant_file(filename: str, variant) -> str:
+    """`diffusion_pytorch_model.safetensors` -> `diffusion_pytorch_model.fp16.safetensors`."""
+    if not variant:
+        return filename
+    stem, _, ext = filename.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def detect_variant(folder: Path):
+    """None when the folder holds the plain weight files, "fp16" when only diffusers'
+    `variant="fp16"` files are there (`*.fp16.safetensors`)."""
+    plain = all((folder / c / f).is_file() for c, f in COMPONENT_FILES.items())
+    if not plain and all((folder / c / variant_file(f, "fp16")).is_file()
+                         for c, f in COMPONENT_FILES.items()):
+        return "fp16"
+    return None
 
 
 def _read_configs(folder: Path) -> Dict[str, Dict]:
@@ -103,6 +127,8 @@ def detect_format(path: Path) -> str:
         raise CheckpointError(f"{path} is a folder but not a diffusers pipeline "
                               "(no model_index.json or unet/)")
     if path.is_file():
+        if path.suffix == ".ckpt" and is_mindspore_ckpt(path):
+            return MINDSPORE
         if path.suffix != ".safetensors":
             if _is_pickle(path):
                 raise CheckpointError(
@@ -110,7 +136,7 @@ def detect_format(path: Path) -> str:
                     "never unpickled here: convert it to .safetensors "
                     "(safetensors.torch.save_file, on a machine you trust)")
             raise CheckpointError(f"{path}: not a checkpoint this tool reads; give an sgm "
-                                  ".safetensors file or a diffusers folder")
+                                  ".safetensors file, a MindSpore .ckpt or a diffusers folder")
         return SGM
     raise CheckpointError(f"checkpoint not found: {path}")
 
@@ -124,4 +150,5 @@ def _is_pickle(path: Path) -> bool:
 
 def open_checkpoint(path: Path):
     fmt = detect_format(path)
-    return SgmCheckpoint(path) if fmt == SGM else DiffusersCheckpoint(path)
+    return {SGM: SgmCheckpoint, DIFFUSERS: DiffusersCheckpoint,
+            MINDSPORE: MindSporeCheckpoint}[fmt](path)

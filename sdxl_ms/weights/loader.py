@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Dict, List, Mapping, Tuple
 
 from ..config import PRESETS, SDXLConfig
-from .checkpoint import DIFFUSERS, SGM
+from .checkpoint import DIFFUSERS, SGM_NAMED
 from .keymap import convert_to_sgm, pipeline_rules, sgm_layout_to_diffusers
 from .safetensors_io import CheckpointError
 
@@ -31,7 +31,7 @@ def _sgm_layout(preset_name: str) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
 def expected_layout(cfg: SDXLConfig, fmt: str) -> Layout:
     """Names and shapes the port expects for `cfg` in checkpoint format `fmt`."""
     sgm = dict(_sgm_layout(cfg.name)) if cfg.name in PRESETS else _fresh_layout(cfg)
-    if fmt == SGM:
+    if fmt in SGM_NAMED:
         return sgm
     if fmt == DIFFUSERS:
         return sgm_layout_to_diffusers(pipeline_rules(cfg), sgm)
@@ -133,7 +133,7 @@ def load_weights(model, ckpt) -> None:
                 yield item
                 progress.update(1)
 
-        if ckpt.format == SGM:
+        if ckpt.format in SGM_NAMED:
             set_weights(model, counted((name, ckpt.get(name)) for name in params))
             return
         rules = pipeline_rules(model.cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from ..atomic import atomic_dir
 from ..config import SDXLConfig, get_preset
 from ..errors import InputError
 from ..validate import check_choice, check_output_dir, check_writable_file
-from .checkpoint import DIFFUSERS, FORMATS, SGM
+from .checkpoint import DIFFUSERS, FORMATS, MINDSPORE, SGM, SGM_NAMED, variant_file
 from .diffusers_configs import model_index, pipeline_configs
 from .keymap import COMPONENT_FILES, KeyRule, pipeline_rules, split_component, to_diffusers
 from .loader import expected_layout
@@ -30,13 +30,21 @@ GENERATOR_VERSION = 2
 
 
 def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
-                    dtype: str = "float32", overwrite: bool = False) -> Path:
+                    dtype: str = "float32", overwrite: bool = False,
+                    variant: Optional[str] = None) -> Path:
+    """Seeded random weights in a real layout. `variant="fp16"` (diffusers only) writes
+    float16 weights under diffusers' variant names (`*.fp16.safetensors`)."""
     check_choice(fmt, FORMATS, "checkpoint format")
     check_choice(dtype, tuple(DTYPES), "dtype")
+    if variant is not None:
+        check_choice(variant, ("fp16",), "variant")
+        if fmt != DIFFUSERS:
+            raise InputError("--variant applies to the diffusers format only")
+        dtype = "float16"
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists (pass --force to replace it)")
-    if fmt == SGM:
+    if fmt in SGM_NAMED:
         check_writable_file(out)
     else:
         check_output_dir(out, "checkpoint folder")
@@ -49,32 +57,51 @@ def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
 
     if fmt == SGM:
         write_safetensors(out, list(shapes.items()), get, DTYPES[dtype], meta)
+    elif fmt == MINDSPORE:
+        from ..atomic import atomic_open
+        from .mindspore_ckpt import write_ckpt
+
+        with atomic_open(out, "wb") as f:
+            write_ckpt(f, ((n, get(n).astype(DTYPES[dtype]).reshape(shapes[n])) for n in shapes))
     else:
-        write_diffusers_folder(cfg, get, out, DTYPES[dtype], meta)
+        write_diffusers_folder(cfg, get, out, DTYPES[dtype], meta, variant)
     return out
 
 
 def write_diffusers_folder(cfg: SDXLConfig, get_sgm: Callable[[str], np.ndarray], out: Path,
-                           dtype, meta: Dict[str, str]) -> None:
+                           dtype, meta: Dict[str, str], variant: Optional[str] = None) -> None:
     """A complete diffusers pipeline folder (configs, tokenizers, weights) whose tensors are
     made from sgm tensors read through `get_sgm`; it appears at `out` only when complete."""
-    from ..tokenizer import write_tokenizer_files
-
     with atomic_dir(out, replace=True) as tmp:
-        _write_json(tmp / "model_index.json", model_index())
-        for component, config in pipeline_configs(cfg).items():
-            name = "scheduler_config.json" if component == "scheduler" else "config.json"
-            _write_json(tmp / component / name, config)
-        write_tokenizer_files(tmp / "tokenizer", cfg.conditioner.clip_l.pad_token)
-        write_tokenizer_files(tmp / "tokenizer_2", cfg.conditioner.clip_g.pad_token)
+        _write_configs(cfg, tmp)
         diff_shapes = expected_layout(cfg, DIFFUSERS)
         producer = _DiffusersProducer(pipeline_rules(cfg), get_sgm)
         for component, filename in COMPONENT_FILES.items():
             layout = [(k.partition("/")[2], s) for k, s in diff_shapes.items()
                       if split_component(k)[0] == component]
-            write_safetensors(tmp / component / filename, layout,
+            write_safetensors(tmp / component / variant_file(filename, variant), layout,
                               lambda key, c=component: producer(f"{c}/{key}"), dtype,
                               {**meta, "component": component})
+
+
+def write_config_folder(cfg: SDXLConfig, out: Path) -> Path:
+    """A diffusers pipeline folder without weights (model_index, every component's config,
+    the tokenizers): what diffusers' single-file loading takes as `config=` so that it never
+    reaches for a hub."""
+    with atomic_dir(out, replace=True) as tmp:
+        _write_configs(cfg, tmp)
+    return out
+
+
+def _write_configs(cfg: SDXLConfig, folder: Path) -> None:
+    from ..tokenizer import write_tokenizer_files
+
+    _write_json(folder / "model_index.json", model_index())
+    for component, config in pipeline_configs(cfg).items():
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        _write_json(folder / component / name, config)
+    write_tokenizer_files(folder / "tokenizer", cfg.conditioner.clip_l.pad_token)
+    write_tokenizer_files(folder / "tokenizer_2", cfg.conditioner.clip_g.pad_token)
 
 
 class _DiffusersProducer:
@@ -101,7 +128,7 @@ def _write_json(path: Path, obj) -> None:
 def cached_checkpoint(preset: str = "tiny", seed: int = 0, fmt: str = DIFFUSERS) -> Path:
     """A seeded checkpoint made once and reused (the embedded default of the CLIs)."""
     cfg = get_preset(preset)
-    suffix = ".safetensors" if fmt == SGM else ""
+    suffix = {SGM: ".safetensors", MINDSPORE: ".ckpt"}.get(fmt, "")
     path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{fmt}-v{GENERATOR_VERSION}{suffix}"
     if not path.exists():
         try:
