@@ -142,7 +142,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from .record import record
+    from .isolated import record_to_folder
     from .recording import check_recording_target
     from .reference import require_reference
     from .runner import resolve_checkpoint
@@ -151,34 +151,14 @@ def cmd_record(args) -> int:
     spec = _spec(args)
     _validate_spec(spec)
     out = check_recording_target(check_output_dir(args.out, "recording folder"))
-    ckpt = resolve_checkpoint(spec)
     log = _log(args)
-    if not args.modules:
-        rec = record(spec, ckpt, progress=lambda w: log(f"reference: {w}"))
-        if _wants_truth(args, spec.dtype):
-            from .record import record_truth
-
-            record_truth(rec, ckpt, progress=lambda w: log(f"reference: {w}"))
-        folder = rec.save(out)
-    else:
-        import tempfile
-
-        from .locate import record_modules
-        from .reference import load_reference
-
-        ref = load_reference(ckpt, dtype=spec.dtype)
-        rec = record(spec, ckpt, reference=ref, progress=lambda w: log(f"reference: {w}"))
-        if _wants_truth(args, spec.dtype):
-            from .record import record_truth
-
-            record_truth(rec, ckpt, progress=lambda w: log(f"reference: {w}"))
-        with tempfile.TemporaryDirectory(prefix="sdxl-parity-modules-") as work:
-            record_modules(rec, ref, ckpt, Path(work), sampler=args.locate_sampler,
-                           step=args.step, log=log)
-            folder = rec.save(out)
-    what = "".join(w for w, on in ((", float64 truth", "truth/" in " ".join(rec.tensors)),
+    truth = _wants_truth(args, spec.dtype)
+    rec = record_to_folder(spec, resolve_checkpoint(spec), out, truth=truth,
+                           modules=args.modules, sampler=args.locate_sampler, step=args.step,
+                           log=lambda w: log(f"reference: {w}"))
+    what = "".join(w for w, on in ((", float64 truth", truth),
                                    (", per-module tensors", args.modules)) if on)
-    print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps{what}) to {folder}")
+    print(f"wrote recording ({', '.join(spec.samplers)}, {spec.steps} steps{what}) to {rec.path}")
     return EXIT_OK
 
 
@@ -229,6 +209,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    import json
+
     from .calibrate import DEFAULT_PROMPTS, calibrate, summary_rows
     from .policy import load_policy
     from .reference import require_reference
@@ -257,8 +239,6 @@ def cmd_calibrate(args) -> int:
     load_policy(args.base_policy)  # a bad base fails before any work
     floors = None
     if args.floors:
-        import json
-
         path = check_existing(args.floors, "floors file")
         try:
             floors = json.loads(path.read_text())
@@ -268,7 +248,7 @@ def cmd_calibrate(args) -> int:
     out = check_output_dir(args.out, "calibration folder")
     paths = calibrate(out, dtypes, seeds, prompts, base_policy=args.base_policy,
                       preset=args.preset, log=_log(args), floors=floors, name=args.name)
-    floors = __import__("json").loads(paths["floors"].read_text())
+    floors = json.loads(paths["floors"].read_text())
     print("\n".join(markdown_table(["dtype", "stage", "port vs ref (rel_l2)", "ref vs truth",
                             "port vs truth", "truth_ratio"], summary_rows(floors))))
     print(f"wrote {paths['floors']} and {paths['policy']} "

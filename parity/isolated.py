@@ -26,34 +26,42 @@ def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _record_child(spec: Dict, checkpoint: str, folder: str, truth: bool, modules: bool,
-                  quiet: bool) -> Dict:
+def record_to_folder(spec: RunSpec, checkpoint, folder: Path, *, truth: bool = False,
+                     modules: bool = False, sampler=None, step=None,
+                     log=lambda what: None) -> Recording:
+    """Record the reference into `folder`: the stages, then (`modules`) every module's
+    tensors, then (`truth`) the float64 truth, loaded only once the working-precision
+    reference is released, so the two are never resident together."""
+    import tempfile
+
     from .record import record, record_truth
     from .reference import load_reference
 
+    ref = load_reference(checkpoint, dtype=spec.dtype)
+    rec = record(spec, checkpoint, reference=ref, progress=log)
+    with tempfile.TemporaryDirectory(prefix="sdxl-parity-modules-") as work:
+        if modules:
+            from .locate import record_modules
+
+            record_modules(rec, ref, checkpoint, Path(work), sampler=sampler, step=step,
+                           log=log)
+        del ref
+        if truth:
+            record_truth(rec, checkpoint, progress=log)
+        rec.save(Path(folder))  # module captures are copied in from `work`
+    return rec
+
+
+def _record_child(spec: Dict, checkpoint: str, folder: str, truth: bool, modules: bool,
+                  quiet: bool) -> Dict:
     start = time.perf_counter()
-    spec = RunSpec.from_dict(spec)
+
     def log(what: str) -> None:
         if not quiet:
             print(f"[sdxl-parity] reference: {what}", file=sys.stderr)
-    ref = load_reference(checkpoint, dtype=spec.dtype)
-    rec = record(spec, checkpoint, reference=ref, progress=log)
-    if modules:
-        import tempfile
 
-        from .locate import record_modules
-
-        with tempfile.TemporaryDirectory(prefix="sdxl-parity-modules-") as work:
-            record_modules(rec, ref, checkpoint, Path(work), log=log)
-            del ref
-            if truth:
-                record_truth(rec, checkpoint, progress=log)
-            rec.save(Path(folder))
-    else:
-        del ref  # the float64 truth loads next: never both
-        if truth:
-            record_truth(rec, checkpoint, progress=log)
-        rec.save(Path(folder))
+    record_to_folder(RunSpec.from_dict(spec), checkpoint, Path(folder), truth=truth,
+                     modules=modules, log=log)
     return {"seconds": round(time.perf_counter() - start, 1),
             "peak_rss_bytes": peak_rss_bytes()}
 
