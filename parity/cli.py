@@ -33,10 +33,26 @@ def _spec(args):
     from .recording import DEFAULT_PROMPT, RunSpec
 
     samplers = tuple(s for part in (args.sampler or ["euler,euler_a"]) for s in part.split(",") if s)
-    return RunSpec(preset=args.preset, checkpoint=args.checkpoint, checkpoint_seed=args.checkpoint_seed,
+    return RunSpec(preset=_preset(args), checkpoint=args.checkpoint, checkpoint_seed=args.checkpoint_seed,
                    prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
                    seed=args.seed, samplers=samplers, schedule=args.schedule, steps=args.steps,
                    guidance=args.guidance, height=args.height, width=args.width, dtype=args.dtype)
+
+
+def _preset(args) -> str:
+    """`--preset`, or with `--checkpoint` the preset whose layout the checkpoint holds (a
+    golden records it, and `check` compares it with the port's checkpoint)."""
+    if not args.checkpoint:
+        return args.preset or "tiny"
+    from sdxl_ms.weights.loader import preset_name_of
+
+    found = preset_name_of(check_existing(args.checkpoint, "checkpoint"))
+    if found is None:  # a diffusers folder of its own widths: no preset to name
+        return args.preset or "tiny"
+    if args.preset and args.preset != found:
+        raise InputError(f"--preset {args.preset}, but checkpoint {args.checkpoint} holds the "
+                         f"{found!r} layout: leave out --preset (it is read from the checkpoint)")
+    return found
 
 
 def _validate_spec(spec) -> None:
@@ -137,7 +153,7 @@ def cmd_run(args) -> int:
                  fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                  command=_command(args), locate=args.locate,
-                 truth=_wants_truth(args, spec.dtype), quiet=args.quiet)
+                 truth=_wants_truth(args, spec.dtype), modules=args.modules, quiet=args.quiet)
     return _finish(report, out)
 
 
@@ -293,6 +309,41 @@ def cmd_locate(args) -> int:
     return EXIT_FAILED if any(loc["first_divergent_module"] for loc in found) else EXIT_OK
 
 
+def cmd_sweep(args) -> int:
+    from .reference import require_reference
+    from .sweep import SweepOptions, load_sweep, run_sweep
+    from .sweep.executors import RayExecutor
+
+    if args.executor == "ray":
+        RayExecutor.require()
+    elif args.address:
+        raise InputError("--address names a Ray cluster: use it with --executor ray")
+    require_reference("sdxl-parity sweep (it records the reference)")
+    sweep = load_sweep(args.sweep)
+    out = check_output_dir(args.out, "sweep folder")
+    result = run_sweep(sweep, SweepOptions(out=out, executor=args.executor, address=args.address,
+                                           workers=args.workers, max_retries=args.max_retries,
+                                           command=_command(args)), log=_log(args))
+    print(result.headline)
+    print(f"report: {out / 'index.html'}  ({out / 'sweep.json'}, {out / 'sweep.md'}, "
+          f"{out / 'junit.xml'})")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"want an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def cmd_report(args) -> int:
     from .reports import render_from_json
 
@@ -322,7 +373,8 @@ def _add_run_options(p, spec_options: bool = True) -> None:
     from sdxl_ms.pipeline import DTYPES
 
     if spec_options:
-        p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+        p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="model layout (default: read from --checkpoint; tiny without one)")
         p.add_argument("--checkpoint", help="diffusers folder or sgm .safetensors "
                                             "(default: the seeded checkpoint of --preset, cached)")
         p.add_argument("--checkpoint-seed", type=int, default=0)
@@ -341,6 +393,12 @@ def _add_run_options(p, spec_options: bool = True) -> None:
                        help="also run the reference in float64 on the same inputs, so each "
                             "tensor gets port-vs-truth and reference-vs-truth errors (default: "
                             "on for float16/bfloat16, off for float32)")
+        p.add_argument("--modules", action="store_true",
+                       help="also record every module's inputs and output (conditioner, one "
+                            "UNet call, decode), so `locate` runs without torch; with the truth, "
+                            "each module's float64 truth too, and `check` judges every module "
+                            "by its truth ratio (the policy's [module_truth.<dtype>]); the "
+                            "reference and its float64 twin are then resident together")
     else:  # check: optional expectations on the golden
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="fail unless the golden was recorded with this preset")
@@ -407,9 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run the reference and write a recording (needs torch)")
     _add_run_options(rec)
     rec.add_argument("--out", required=True, help="recording folder")
-    rec.add_argument("--modules", action="store_true",
-                     help="also store every module's inputs and output (conditioner, one UNet "
-                          "call, decode), so `locate` runs from the recording without torch")
     rec.add_argument("--locate-sampler", default=None,
                      help="with --modules: the sampler whose UNet call is stored (default: the first)")
     rec.add_argument("--step", type=int, default=None,
@@ -457,6 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", default="locate-report", help="report folder (default: ./locate-report)")
     _add_run_options(lo, spec_options=False)
     lo.set_defaults(func=cmd_locate)
+
+    sw = sub.add_parser("sweep", parents=common,
+                        help="a matrix of parity cases from a sweep file (prompts x seeds x "
+                             "samplers x ...), each recorded and checked in worker processes, "
+                             "on a local pool or a Ray cluster, with one combined report")
+    sw.add_argument("sweep", nargs="?", default=None,
+                    help="sweep file (TOML; default: the packaged example, "
+                         "parity/sweeps/example.toml)")
+    sw.add_argument("--out", default="sweep-report",
+                    help="sweep folder: index.html, sweep.json, sweep.md, junit.xml and "
+                         "cases/<id>/ (default: ./sweep-report); a rerun skips finished cases")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="a local process pool, or Ray tasks (pip install 'sdxl-parity[ray]')")
+    sw.add_argument("--address", default=None,
+                    help="with --executor ray: the cluster to use (default: start a local one)")
+    sw.add_argument("--workers", type=_count(1), default=None,
+                    help="cases at once (default: min(cores, memory / a case's estimate))")
+    sw.add_argument("--max-retries", type=_count(0), default=2,
+                    help="times a record or check is rerun after its worker died (default: 2)")
+    sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", parents=common,
                         help="re-render report.md and index.html from report.json")

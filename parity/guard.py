@@ -3,10 +3,15 @@
 Every stage calls the port through a `PortGuard`. Whatever the port raises comes out as a
 `PortError`, which the runner records as that stage's verdict `error` (the port is broken: exit
 1). Anything else a stage raises is the harness's problem: bad input (exit 2) or a bug (exit 3).
+The guard also tells the run clock (`parity.eta`) of each UNet call and decode it forwards.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from . import eta
+
+_NETWORK_CALLS = {"unet": eta.unet_done, "decode": eta.decode_done}
 
 
 class PortError(Exception):
@@ -31,9 +36,12 @@ class PortGuard:
 
         def guarded(*args, **kwargs):
             try:
-                return value(*args, **kwargs)
+                result = value(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - every port failure is the stage's verdict
                 raise PortError(name, e) from e
+            if name in _NETWORK_CALLS:
+                _NETWORK_CALLS[name]()
+            return result
 
         return guarded
 

@@ -19,27 +19,22 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from sdxl_ms.errors import InputError
+from sdxl_ms.nn.module import submodule
 from sdxl_ms.progress import bar as progress_bar
 
 from .contract import ENCODE_OUTPUTS, cfg_batch
+from .metrics import against_truth, format_value, rel_l2
 from .module_capture import CaptureIndex, CaptureReader, CaptureWriter
 from .module_pairs import (LOCATABLE_STAGES, PORT_CALLS, ModulePair, pair_modules,
                            reference_inputs, reference_module_table, run_port_module,
                            to_reference_layout)
 from .recording import Recording, call_key, conditioner_key, sampler_key, tokens_key
-
-
-def rel_l2(ref: np.ndarray, port: np.ndarray) -> float:
-    """||port - ref|| / ||ref|| in float64 (the absolute norm where the reference is zero)."""
-    ref = np.asarray(ref, np.float64)
-    diff = float(np.linalg.norm(np.asarray(port, np.float64) - ref))
-    norm = float(np.linalg.norm(ref))
-    return diff / norm if norm > 0 else diff
+from .results import TensorResult, Verdict
 
 
 # ---- what a stage's localisation runs on --------------------------------------------------------
@@ -87,14 +82,20 @@ def _stage_inputs(rec: Recording, target: Target) -> Dict[str, np.ndarray]:
 # ---- the reference side ------------------------------------------------------------------------
 
 def capture_reference(ref, port_model, cfg, rec: Recording, target: Target, path: Path,
-                      log: Callable[[str], None] = lambda s: None) -> CaptureIndex:
+                      log: Callable[[str], None] = lambda s: None, truth=None) -> CaptureIndex:
     """Run the reference's networks of `target.stage` on the recorded inputs with a forward hook
-    on every paired module; each module's inputs and output go to `path` as it returns."""
+    on every paired module; each module's inputs and output go to `path` as it returns.
+
+    `truth` (the reference in float64 on the same rounded weights, `record.round_weights`):
+    each module's float64 twin also runs on exactly the arguments the reference module got,
+    upcast, so every module has its own truth ("truth"): in reduced precision a module's own
+    error is judged against the reference module's own error, as stages are."""
     import torch
 
     from .reference import to_numpy
 
-    modules = reference_module_table(ref.pipe, target.stage)
+    modules = reference_module_table(ref, target.stage)
+    twins = reference_module_table(truth, target.stage) if truth is not None else None
     pairs = pair_modules(port_model, cfg, target.stage, modules)
     index = CaptureIndex(stage=target.stage, sampler=target.sampler, step=target.step)
     writer = CaptureWriter(path, index)
@@ -109,7 +110,10 @@ def capture_reference(ref, port_model, cfg, rec: Recording, target: Target, path
                 return
             fired.append(True)
             got = reference_inputs(args, kwargs, output)
-            writer.add(pair, {k: to_numpy(v) for k, v in got.items() if k in wanted})
+            if twins is not None:
+                exact = twins[pair.reference](*_float64(args), **_float64(kwargs))
+                got["truth"] = reference_inputs(args, kwargs, exact)["out"]
+            writer.add(pair, {k: to_numpy(v) for k, v in got.items() if k in wanted | {"truth"}})
         return hook
 
     try:
@@ -135,6 +139,19 @@ def capture_reference(ref, port_model, cfg, rec: Recording, target: Target, path
     return index
 
 
+def _float64(value):
+    """A hook's arguments for the float64 twin: float tensors upcast, the rest unchanged."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float64(v) for k, v in value.items()}
+    return value
+
+
 # ---- the port side -----------------------------------------------------------------------------
 
 @dataclass
@@ -148,20 +165,31 @@ class ModuleRow:
     accumulated: Optional[float]
     bound: float
     error: str = ""
+    ref_vs_truth: Optional[float] = None  # with a module truth: the reference module's own error
+    port_vs_truth: Optional[float] = None
+    truth_ratio: Optional[float] = None  # port_vs_truth / max(ref_vs_truth, floor)
+    truth_bound: Optional[float] = None
 
     @property
     def over(self) -> bool:
+        if self.truth_ratio is not None and self.truth_bound is not None:
+            return math.isnan(self.truth_ratio) or self.truth_ratio > self.truth_bound
         return self.own is not None and (math.isnan(self.own) or self.own > self.bound)
 
     def to_dict(self) -> Dict:
+        truth = {k: getattr(self, k) for k in ("ref_vs_truth", "port_vs_truth", "truth_ratio",
+                                               "truth_bound") if getattr(self, k) is not None}
         return {"module": self.module, "reference_module": self.reference, "kind": self.kind,
                 "own_rel_l2": self.own, "accumulated_rel_l2": self.accumulated,
-                "bound": self.bound, "over": self.over, **({"error": self.error} if self.error else {})}
+                "bound": self.bound, **truth, "over": self.over,
+                **({"error": self.error} if self.error else {})}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "ModuleRow":
         return cls(d["module"], d["reference_module"], d["kind"], d.get("own_rel_l2"),
-                   d.get("accumulated_rel_l2"), d["bound"], d.get("error", ""))
+                   d.get("accumulated_rel_l2"), d["bound"], d.get("error", ""),
+                   d.get("ref_vs_truth"), d.get("port_vs_truth"), d.get("truth_ratio"),
+                   d.get("truth_bound"))
 
 
 @dataclass
@@ -183,9 +211,10 @@ class Localisation:
         r = self.culprit
         if r is None:
             return None
+        metric, value, bound = _judged(r, self.metric)
         return {"stage": self.stage, "step": self.step, "sampler": self.sampler or None,
                 "module": r.module, "reference_module": r.reference, "kind": r.kind,
-                "metric": f"own {self.metric}", "value": r.own, "bound": r.bound}
+                "metric": metric, "value": value, "bound": bound}
 
     def describe(self) -> str:
         """`module 'output_blocks.3.1...' (up_blocks.0...): own rel_l2 3.1e-04 > fail 1e-05`."""
@@ -193,8 +222,9 @@ class Localisation:
         if r is None:
             return (f"no module of stage '{self.stage}' is over its bound "
                     f"({len(self.rows)} modules compared)")
-        return (f"module '{r.module}' ({r.reference.partition('/')[2]}): own {self.metric} "
-                f"{r.own:.3g} > fail {r.bound:.3g}")
+        metric, value, bound = _judged(r, self.metric)
+        return (f"module '{r.module}' ({r.reference.partition('/')[2]}): {metric} "
+                f"{value:.3g} > fail {bound:.3g}")
 
     def to_dict(self) -> Dict:
         return {"stage": self.stage, "sampler": self.sampler or None, "step": self.step,
@@ -209,11 +239,21 @@ class Localisation:
                    seconds=d.get("seconds", 0.0), metric=d.get("metric", "rel_l2"))
 
 
-def _module_at(model, path: str):
-    obj = model
-    for part in path.split("."):
-        obj = obj._cells[part] if part.isdigit() else getattr(obj, part)
-    return obj
+def _judged(row: ModuleRow, metric: str) -> Tuple[str, float, float]:
+    """The number a row is judged by: its truth ratio where it has a truth bound, else its
+    own error."""
+    if row.truth_ratio is not None and row.truth_bound is not None:
+        return "truth_ratio", row.truth_ratio, row.truth_bound
+    return f"own {metric}", row.own, row.bound
+
+
+def port_module(pipe, path: str):
+    """The port module at sgm `path`; the VAE's from the one that decodes (`decoding_vae`: its
+    float32 copy in a float16 run), as the reference's side does."""
+    vae_prefix = "first_stage_model."
+    if path.startswith(vae_prefix) and hasattr(pipe, "decoding_vae"):
+        return submodule(pipe.decoding_vae(), path[len(vae_prefix):])
+    return submodule(pipe.model, path)
 
 
 @contextlib.contextmanager
@@ -265,15 +305,35 @@ def _run_port_freely(pipe, target: Target, inputs: Dict[str, np.ndarray]) -> Non
         pipe.decode(inputs["latents"])
 
 
+def _port_module_outputs(pipe, reader: CaptureReader, desc: str):
+    """(index, pair, recorded tensors, the port module's output or None, error text) for every
+    captured module: the port module run on the reference's recorded inputs."""
+    index = reader.index
+    modules = [port_module(pipe, pair.port_path) for pair in index.pairs]
+    with progress_bar(total=len(index.pairs), desc=desc, unit="module") as bar:
+        for i, (pair, module) in enumerate(zip(index.pairs, modules)):
+            recorded = reader.tensors(i)
+            out, error = None, ""
+            try:
+                out = run_port_module(pair, module, recorded)
+            except Exception as e:  # a module the adapter cannot drive: shown, not fatal
+                error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            yield i, pair, recorded, out, error
+            bar.update(1)
+
+
 def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callable[[str], float],
-                   log: Callable[[str], None] = lambda s: None) -> Localisation:
+                   log: Callable[[str], None] = lambda s: None,
+                   truth_bound_of: Callable[[str], Optional[Tuple[float, float]]] = (
+                       lambda kind: None)) -> Localisation:
     """Own error of every captured module (the port module on the reference's inputs) and its
-    accumulated error (the port's stage run freely on the stage's recorded inputs)."""
+    accumulated error (the port's stage run freely on the stage's recorded inputs). Where the
+    capture holds module truths, also each module's truth ratio, judged by `truth_bound_of`
+    (kind -> (bound, floor), or None for no truth bound)."""
     index = reader.index
     target = Target(index.stage, index.sampler, index.step)
-    model = pipe.model
     start = time.perf_counter()
-    modules = [_module_at(model, pair.port_path) for pair in index.pairs]
+    modules = [port_module(pipe, pair.port_path) for pair in index.pairs]
     rows: List[ModuleRow] = []
     accumulated: Dict[int, float] = {}
 
@@ -285,21 +345,67 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
         log(f"port: free run of stage {target.stage} (accumulated error)")
         with _observe({id(m): i for i, m in enumerate(modules)}, compare_output):
             _run_port_freely(pipe, target, _stage_inputs(rec, target))
-        with progress_bar(total=len(index.pairs), desc=f"port: modules of {target.stage}",
-                          unit="module") as bar:
-            for i, (pair, module) in enumerate(zip(index.pairs, modules)):
-                recorded = reader.tensors(i)
-                own, error = None, ""
-                try:
-                    own = rel_l2(recorded["out"], run_port_module(pair, module, recorded))
-                except Exception as e:  # a module the adapter cannot drive: shown, not fatal
-                    error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-                rows.append(ModuleRow(pair.module, pair.reference, pair.kind, own,
-                                      accumulated.get(i), bound_of(pair.kind), error))
-                bar.update(1)
+        for i, pair, recorded, out, error in _port_module_outputs(
+                pipe, reader, f"port: modules of {target.stage}"):
+            own = None if out is None else rel_l2(recorded["out"], out)
+            truth = {}
+            found = truth_bound_of(pair.kind)
+            if out is not None and "truth" in recorded:
+                bound, floor = found if found is not None else (None, 0.0)
+                truth = {**against_truth(recorded["out"], out, recorded["truth"], floor),
+                         "truth_bound": bound}
+            rows.append(ModuleRow(pair.module, pair.reference, pair.kind, own,
+                                  accumulated.get(i), bound_of(pair.kind), error, **truth))
     step = target.step if target.stage == "unet" else None
     return Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
                         seconds=round(time.perf_counter() - start, 3))
+
+
+def has_module_truths(rec: Recording, stage: str) -> bool:
+    """Whether the recording's module capture of `stage` holds each module's float64 truth."""
+    found = rec.modules.get(stage)
+    return found is not None and any("truth" in m.get("tensors", {})
+                                     for m in found[0].get("modules", []))
+
+
+def judge_module_truths(rec: Recording, pipe, policy, stage: str,
+                        unrun: List[str]) -> List[TensorResult]:
+    """Each captured module of `stage` judged by its truth ratio, as tensors of that stage
+    (`module/<sgm name>`): in reduced precision a module can be broken by far less than the
+    stage's spread of precision noise (float16 GroupNorm statistics: module truth ratio 2.1-2.8
+    where the faithful module's is 1.00, yet the UNet output only moves within its noise), and
+    each module, teacher-forced, has a spread of its own that is narrow. Modules the harness
+    cannot run on the recorded inputs are appended to `unrun`, not judged."""
+    from .metrics import compare
+
+    index_dict, path = rec.modules[stage]
+    reader = CaptureReader(path, CaptureIndex.from_dict(index_dict))
+    tolerances = policy.tolerances(stage, rec.spec.dtype)
+    step = reader.index.step if stage == "unet" else None
+    results: List[TensorResult] = []
+    try:
+        with _eager():
+            for _, pair, recorded, out, error in _port_module_outputs(
+                    pipe, reader, f"port: module truths of {stage}"):
+                found = policy.module_truth_bound(pair.kind, rec.spec.dtype)
+                if found is None or "truth" not in recorded:
+                    continue
+                if out is None:  # the harness cannot drive it: said, not judged
+                    unrun.append(f"{pair.module} ({error})")
+                    continue
+                bound, floor = found
+                name = f"module/{pair.module}"
+                metrics = compare(recorded["out"], out, truth=recorded["truth"],
+                                  truth_floor=floor, **tolerances)
+                ratio = metrics.truth_ratio
+                ok = ratio is not None and not math.isnan(ratio) and ratio <= bound
+                results.append(TensorResult(
+                    name, step, metrics, Verdict.PASS if ok else Verdict.FAIL,
+                    [] if ok else [f"truth_ratio {format_value(ratio)} > fail "
+                                   f"{format_value(bound)} ({pair.kind})"]))
+    finally:
+        reader.close()
+    return results
 
 
 # ---- orchestration -----------------------------------------------------------------------------
@@ -318,14 +424,15 @@ def port_structure(checkpoint) -> tuple:
 def record_modules(rec: Recording, ref, checkpoint, work_dir: Path,
                    stages=LOCATABLE_STAGES, sampler: Optional[str] = None,
                    step: Optional[int] = None,
-                   log: Callable[[str], None] = lambda s: None) -> None:
+                   log: Callable[[str], None] = lambda s: None, truth=None) -> None:
     """Capture the reference's per-module tensors of `stages` into `work_dir` and attach them
-    to `rec` (saved with it), so `locate` later runs without torch."""
+    to `rec` (saved with it), so `locate` later runs without torch; with `truth` (the float64
+    twin), each module's truth too, which `check` then judges as part of its stage."""
     model, cfg = port_structure(checkpoint)
     for stage in stages:
         target = resolve_target(rec, stage, sampler, step)
         path = Path(work_dir) / f"modules-{stage}.npz"
-        index = capture_reference(ref, model, cfg, rec, target, path, log=log)
+        index = capture_reference(ref, model, cfg, rec, target, path, log=log, truth=truth)
         rec.modules[stage] = (index.to_dict(), path)
 
 
@@ -368,6 +475,8 @@ def locate(rec: Recording, pipe, policy, stage: str, *, sampler: Optional[str] =
         index, path = found
     reader = CaptureReader(path, index)
     try:
-        return locate_in_port(pipe, reader, rec, bound_of, log=log)
+        return locate_in_port(pipe, reader, rec, bound_of, log=log,
+                              truth_bound_of=lambda kind: policy.module_truth_bound(
+                                  kind, rec.spec.dtype))
     finally:
         reader.close()

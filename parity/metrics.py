@@ -304,7 +304,7 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
     if truth is not None:
         t = _to_numpy(truth).astype(np.float64, copy=False)
         _check_shapes(t, ref)
-        stats.update(_against_truth(ref, port, t, truth_floor))
+        stats.update(against_truth(ref, port, t, truth_floor))
     return TensorMetrics(
         shape=tuple(int(s) for s in ref.shape), numel=numel,
         mismatch_ratio=(mismatches / numel) if numel else 0.0, mismatches=mismatches,
@@ -312,14 +312,19 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
         rtol=float(rtol), atol=float(atol), **stats)
 
 
-def _against_truth(ref: np.ndarray, port: np.ndarray, truth: np.ndarray,
-                   floor: float) -> Dict[str, float]:
-    norm_t = float(np.linalg.norm(truth.ravel()))
+def rel_l2(ref: Any, other: Any) -> float:
+    """||other - ref|| / ||ref|| in float64; the plain norm of the difference where `ref` is all
+    zero (there a relative error means nothing, but the size of a difference still does)."""
+    ref = np.asarray(ref, np.float64)
+    diff = float(np.linalg.norm((np.asarray(other, np.float64) - ref).ravel()))
+    norm = float(np.linalg.norm(ref.ravel()))
+    return diff / norm if norm > 0 else diff
 
-    def err(x: np.ndarray) -> float:
-        d = float(np.linalg.norm((x - truth).ravel()))
-        return d / norm_t if norm_t > 0 else d
-    ref_err, port_err = err(ref), err(port)
+
+def against_truth(ref: Any, port: Any, truth: Any, floor: float) -> Dict[str, float]:
+    """Each side's rel L2 against the float64 truth, and port_vs_truth / max(ref_vs_truth,
+    floor): how much further from the exact result the port is than the reference."""
+    ref_err, port_err = rel_l2(truth, ref), rel_l2(truth, port)
     denom = max(ref_err, floor)
     ratio = port_err / denom if denom > 0 else (0.0 if port_err == 0 else math.inf)
     return {"ref_vs_truth": ref_err, "port_vs_truth": port_err, "truth_ratio": ratio}

@@ -33,6 +33,8 @@ STAGE_NETWORKS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "decode": (("first_stage_model.", "vae"),),
 }
 LOCATABLE_STAGES = tuple(STAGE_NETWORKS)
+# parameter-free port modules have no keys to pair through: their counterparts by name
+PARAMETER_FREE: Dict[str, str] = {"model.diffusion_model.time_proj": "unet/time_proj"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def pair_modules(model, cfg, stage: str, reference_modules: Dict[str, object]) -
     `named_modules`, component-prefixed), used to tell containers and existing modules."""
     from mindspore import nn
 
-    from sdxl_ms.nn.module import Module, Network, Sequential
+    from sdxl_ms.nn.module import Module, Network, Sequential, submodule
     from sdxl_ms.weights.keymap import pipeline_rules
 
     sgm_to_diffusers: Dict[str, List[str]] = {}
@@ -82,9 +84,7 @@ def pair_modules(model, cfg, stage: str, reference_modules: Dict[str, object]) -
             sgm_to_diffusers.setdefault(name, []).extend(rule.diffusers)
     pairs: List[ModulePair] = []
     for prefix, component in STAGE_NETWORKS[stage]:
-        root = model
-        for part in prefix.rstrip(".").split("."):
-            root = root._cells[part] if part.isdigit() else getattr(root, part)
+        root = submodule(model, prefix.rstrip("."))
         cells = [(name, cell) for name, cell in root.cells_and_names()
                  if name and isinstance(cell, Module)]
         counterpart: Dict[str, str] = {}
@@ -97,9 +97,12 @@ def pair_modules(model, cfg, stage: str, reference_modules: Dict[str, object]) -
             children = [counterpart.get(f"{name}.{child}") for child in _direct_children(cell)]
             if path in children:  # a wrapper around one child
                 path = _parent(path)
-            if isinstance(reference_modules.get(path), _CONTAINERS()):
+            if isinstance(reference_modules.get(path), _reference_containers()):
                 path = _parent(path)
             counterpart[name] = path
+        for name, _ in cells:
+            if prefix + name in PARAMETER_FREE:
+                counterpart[name] = PARAMETER_FREE[prefix + name]
         for name, cell in cells:
             if (name in counterpart and not isinstance(cell, (Sequential, Network, nn.CellList))
                     and counterpart[name] in reference_modules
@@ -130,17 +133,20 @@ def _direct_children(cell) -> List[str]:
     return out
 
 
-def _CONTAINERS():
+def _reference_containers() -> tuple:
+    """torch's plain container classes (torch imported here: `parity.locate` imports without it)."""
     import torch
 
     return (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
-def reference_module_table(ref_pipe, stage: str) -> Dict[str, object]:
-    """"component/name" -> module for the reference networks of `stage`."""
+def reference_module_table(ref, stage: str) -> Dict[str, object]:
+    """"component/name" -> module for the reference networks of `stage` (`ref` a
+    `parity.reference.ReferencePipeline`; the VAE is the one that decodes, its float32 copy in
+    a float16 run)."""
     out: Dict[str, object] = {}
     for _, component in STAGE_NETWORKS[stage]:
-        network = getattr(ref_pipe, component)
+        network = ref.decoding_vae() if component == "vae" else getattr(ref.pipe, component)
         # transformers 5's CLIPTextModel holds its modules at the top while its checkpoint
         # names keep `text_model.`: name the modules as the checkpoint (and the key maps) do
         alias = ("text_model." if component.startswith("text_encoder")
@@ -167,6 +173,7 @@ PORT_CALLS: Dict[str, PortCall] = {
     # primitives
     "Linear": PortCall(), "Conv2d": PortCall(), "GroupNorm": PortCall(), "LayerNorm": PortCall(),
     "Embedding": PortCall(), "Upsample": PortCall(), "Downsample": PortCall(),
+    "SinusoidalTimesteps": PortCall(),
     # UNet
     "ResBlock": PortCall(("x", "temb")), "SpatialTransformer": PortCall(("x", "context")),
     "BasicTransformerBlock": PortCall(("x", "context"), tokens=True, batch_arg=True),
@@ -185,10 +192,18 @@ PORT_CALLS: Dict[str, PortCall] = {
 }
 
 
+TOKEN_ID_INPUTS = ("Embedding", "CLIPTextEmbeddings")  # kinds whose x is token ids
+
+
 def port_inputs(pair: ModulePair, module, recorded: Dict[str, np.ndarray]) -> Tuple:
-    """The port module's forward arguments (after `p`) from the reference's recorded inputs."""
+    """The port module's forward arguments (after `p`) from the reference's recorded inputs,
+    float ones in the dtype of the module's weights (the capture stores float32; in float16
+    the reference module got float16 values, which float32 holds exactly)."""
     import mindspore as ms
     from mindspore import Tensor
+
+    weight = next(iter(module.get_parameters()), None)
+    dtype = weight.dtype if weight is not None else ms.float32
 
     call = PORT_CALLS[pair.kind]
     x = recorded["x"]
@@ -203,9 +218,11 @@ def port_inputs(pair: ModulePair, module, recorded: Dict[str, np.ndarray]) -> Tu
             value = value.reshape(-1, value.shape[-1])
         if name == "x" and pair.kind == "Conv2d" and value.ndim == 3:
             value = value.transpose(0, 2, 1)[..., None]  # (B, L, C) as a 1-wide NCHW map
-        args.append(Tensor(np.ascontiguousarray(value)))
-    if pair.kind in ("Embedding", "CLIPTextEmbeddings"):
-        args[0] = args[0].astype(ms.int32)
+        if name == "x" and pair.kind in TOKEN_ID_INPUTS:
+            args.append(Tensor(np.asarray(value).astype(np.int32)))  # ids, stored as floats
+            continue
+        value = Tensor(np.ascontiguousarray(value))
+        args.append(value if dtype == ms.float32 else value.astype(dtype))
     if call.batch_arg:
         args.append(batch)
     return tuple(args)

@@ -114,6 +114,8 @@ class Policy:
     source: str = ""
     schema_version: int = SCHEMA_VERSION
     modules: Dict[str, Dict[str, float]] = None  # dtype -> module kind (or "default") -> own rel_l2 bound
+    # dtype -> module kind (or "default") -> truth_ratio bound, and "truth_floor"
+    module_truths: Dict[str, Dict[str, float]] = None
     context: Tuple[str, ...] = ()  # device keys in effect (`for_devices`), later ones win
 
     def for_devices(self, port: str, reference: str) -> "Policy":
@@ -135,6 +137,19 @@ class Policy:
             raise PolicyError(f"policy '{self.name}': [module.{dtype}] has no bound for {kind!r} "
                               "and no 'default'")
         return table["default"]
+
+    def module_truth_bound(self, kind: str, dtype: str) -> Optional[Tuple[float, float]]:
+        """(truth_ratio bound, truth_floor) of one module of `kind` at `dtype`, from
+        `[module_truth.<dtype>]`; None where the policy has no such table (the module is then
+        judged by its own rel L2 alone, and only by `locate`)."""
+        table = (self.module_truths or {}).get(dtype)
+        if not table:
+            return None
+        bound = table.get(kind, table.get("default"))
+        if bound is None:
+            raise PolicyError(f"policy '{self.name}': [module_truth.{dtype}] has no bound for "
+                              f"{kind!r} and no 'default'")
+        return bound, table.get("truth_floor", 0.0)
 
     def _get(self, stage: str, dtype: str) -> StagePolicy:
         if stage not in self.stages:
@@ -225,7 +240,7 @@ class Policy:
 # --------------------------------------------------------------------------------------------
 # Loading
 
-_TOP_KEYS = {"schema_version", "name", "description", "stage", "module"}
+_TOP_KEYS = {"schema_version", "name", "description", "stage", "module", "module_truth"}
 
 
 def _number(value: Any, where: str) -> float:
@@ -346,24 +361,30 @@ def parse_policy(data: Dict[str, Any], source: str = "<dict>") -> Policy:
                                                       f"{source}: stage.{stage}.{dtype}")
     ordered = {s: stages[s] for s in STAGES if s in stages}
     return Policy(name=name, stages=ordered, description=description, source=source,
-                  modules=_parse_modules(data.get("module", {}), source))
+                  modules=_parse_modules(data.get("module", {}), source, "module"),
+                  module_truths=_parse_modules(data.get("module_truth", {}), source,
+                                               "module_truth"))
 
 
-def _parse_modules(table: Any, source: str) -> Dict[str, Dict[str, float]]:
-    """`[module.<dtype>]`: module kind (or "default") -> own-error rel L2 bound."""
+def _parse_modules(table: Any, source: str, section: str) -> Dict[str, Dict[str, float]]:
+    """`[module.<dtype>]`: module kind (or "default") -> own-error rel L2 bound;
+    `[module_truth.<dtype>]`: module kind (or "default") -> truth_ratio bound, and
+    `truth_floor`."""
     if not isinstance(table, dict):
-        raise PolicyError(f"{source}: 'module' must hold [module.<dtype>] tables")
+        raise PolicyError(f"{source}: '{section}' must hold [{section}.<dtype>] tables")
     out: Dict[str, Dict[str, float]] = {}
     for dtype, bounds in table.items():
         if dtype not in DTYPES:
-            raise PolicyError(f"{source}: module: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+            raise PolicyError(f"{source}: {section}: unknown dtype {dtype!r} (known: "
+                              f"{', '.join(DTYPES)})")
         if not isinstance(bounds, dict):
-            raise PolicyError(f"{source}: module.{dtype} must map module kinds to bounds")
+            raise PolicyError(f"{source}: {section}.{dtype} must map module kinds to bounds")
         out[dtype] = {}
         for kind, value in bounds.items():
-            bound = _number(value, f"{source}: module.{dtype}.{kind}")
+            bound = _number(value, f"{source}: {section}.{dtype}.{kind}")
             if not bound > 0:
-                raise PolicyError(f"{source}: module.{dtype}.{kind} must be > 0, got {value!r}")
+                raise PolicyError(f"{source}: {section}.{dtype}.{kind} must be > 0, got "
+                                  f"{value!r}")
             out[dtype][kind] = bound
     return out
 

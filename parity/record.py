@@ -13,8 +13,9 @@ import numpy as np
 
 from sdxl_ms.progress import bar as progress_bar
 
-from .contract import to_images
-from .contract import ENCODE_OUTPUTS, cfg_batch
+from . import eta
+from .contract import ENCODE_OUTPUTS, cfg_batch, to_images
+from .eta import unet_calls_per_sampler
 from .recording import (Recording, RunSpec, call_key, conditioner_key, probe_key, sampler_key,
                         tokens_key, truth_key)
 
@@ -74,8 +75,8 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
     shape = (1, 4, height // ref.pipe.vae_scale_factor, width // ref.pipe.vae_scale_factor)
     schedules = {}
     # diffusers' Heun runs 2n-1 scheduler steps (see full_step_latents)
-    bar = progress_bar(total=sum(2 * spec.steps - 1 if s == "heun" else spec.steps
-                                 for s in spec.samplers), desc="reference: sampling", unit="step")
+    bar = progress_bar(total=sum(unet_calls_per_sampler(s, spec.steps) for s in spec.samplers),
+                       desc="reference: sampling", unit="call")
     for index, sampler in enumerate(spec.samplers):
         tick(f"sampling with {sampler}")
         noise = noise_for(spec, index, shape)
@@ -86,10 +87,13 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
             t = args[1] if len(args) > 1 else kwargs["timestep"]
             calls.append((to_numpy(sample), float(np.asarray(to_numpy(t)).reshape(-1)[0]),
                           to_numpy(output.sample if hasattr(output, "sample") else output[0])))
+            bar.update(1)
+            eta.unet_done()
+            tick(f"{sampler}: UNet call {len(calls)} of "
+                 f"{unet_calls_per_sampler(sampler, spec.steps)}")
 
         def on_step(pipe, i, t, kwargs):
             step_latents.append(to_numpy(kwargs["latents"]))
-            bar.update(1)
             return kwargs
 
         handle = ref.pipe.unet.register_forward_hook(hook, with_kwargs=True)
@@ -112,6 +116,7 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
         tensors[sampler_key(sampler, "latents")] = full_step_latents(sampler, step_latents, sigmas,
                                                                      spec.steps)
         decoded = ref.decode(final)
+        eta.decode_done()
         tensors[sampler_key(sampler, "decoded")] = decoded
         tensors[sampler_key(sampler, "image")] = to_images(decoded)
         schedules[sampler] = {"scheduler": type(sched).__name__,
@@ -125,6 +130,7 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
              * np.random.default_rng([spec.seed, 99]).standard_normal(shape, dtype=np.float32))
     tensors[probe_key("latents")] = probe.astype(np.float32)
     tensors[probe_key("decoded")] = ref.decode(probe)
+    eta.decode_done()
     from sdxl_ms.weights.synthetic import GENERATOR_VERSION
 
     meta = {"reference": reference_versions(ref), "height": height, "width": width,
@@ -141,10 +147,9 @@ def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
     from .reference import load_reference
 
     tick = progress or (lambda what: None)
-    tick("float64 truth: loading")
-    truth = truth or load_reference(checkpoint, dtype="float64")
-    if rec.spec.dtype != "float32":
-        round_weights(truth, rec.spec.dtype)
+    if truth is None:
+        tick("float64 truth: loading")
+        truth = load_truth(checkpoint, rec.spec.dtype)
     spec, size = rec.spec, (rec.meta["height"], rec.meta["width"])
     tick("float64 truth: conditioner")
     for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
@@ -152,17 +157,33 @@ def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
                                   crops_coords_top_left=spec.cond_crop, target_size=size)
         rec.tensors.update({truth_key(conditioner_key(variant, k)): v for k, v in out.items()})
     batch = cfg_batch({k: rec.get(conditioner_key("generation", k)) for k in ENCODE_OUTPUTS})
+    eta.set_cost(eta.TRUTH_COST)
     for sampler in spec.samplers:
         tick(f"float64 truth: UNet calls and decode of {sampler}")
         for k in range(rec.unet_calls(sampler)):
             rec.tensors[truth_key(call_key(sampler, k, "eps"))] = truth.unet(
                 rec.get(call_key(sampler, k, "x_in")), rec.get(call_key(sampler, k, "timestep")),
                 **batch)
+            eta.unet_done()
         rec.tensors[truth_key(sampler_key(sampler, "decoded"))] = truth.decode(
             rec.get(sampler_key(sampler, "latents"))[-1])
+        eta.decode_done()
+    tick("float64 truth: decode probe")
     rec.tensors[truth_key(probe_key("decoded"))] = truth.decode(rec.get(probe_key("latents")))
+    eta.decode_done()
+    eta.set_cost(1.0)
     rec.meta["truth"] = {"dtype": "float64", "device": str(truth.device),
                          "stages": ["conditioner", "unet", "decode"]}
+
+
+def load_truth(checkpoint, dtype: str):
+    """The reference in float64 on the weights a `dtype` run holds (`round_weights`)."""
+    from .reference import load_reference
+
+    truth = load_reference(checkpoint, dtype="float64")
+    if dtype != "float32":
+        round_weights(truth, dtype)
+    return truth
 
 
 def round_weights(ref, dtype: str) -> None:

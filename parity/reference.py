@@ -97,12 +97,18 @@ class ReferencePipeline:
                                                     "time_ids": self._t(time_ids)}).sample
         return to_numpy(eps)
 
+    def decoding_vae(self):
+        """The VAE that decodes: a float16 VAE whose config says `force_upcast` decodes in a
+        float32 copy, as StableDiffusionXLPipeline decodes."""
+        vae = self.pipe.vae
+        if vae.dtype == self.torch.float16 and vae.config.get("force_upcast", False):
+            return self._upcast_vae()
+        return vae
+
     def decode(self, latents) -> np.ndarray:
         torch = self.torch
-        vae = self.pipe.vae
+        vae = self.decoding_vae()
         z = np.asarray(latents, np.float32) / np.float32(vae.config.scaling_factor)
-        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            vae = self._upcast_vae()  # as StableDiffusionXLPipeline decodes: in float32
         with torch.no_grad():
             img = vae.decode(torch.from_numpy(z).to(self.device, vae.dtype)).sample
         return to_numpy(img)

@@ -9,10 +9,11 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sdxl_ms.progress import bar as progress_bar
 
+from . import eta
 from .policy import Policy, load_policy
 from .recording import Recording, RecordingError, RunSpec
 from .guard import PortError, PortGuard
@@ -65,30 +66,16 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     out_dir = Path(out_dir)
     ctx = StageContext(port=PortGuard(port), rec=rec, policy=policy, out_dir=out_dir,
                        dtype=spec.dtype)
-    results: Dict[str, StageResult] = {}
-    timings: Dict[str, float] = {}
-    failed = None
     chosen = [name for name in STAGES if name in stages]
-    with progress_bar(total=len(chosen), desc="port: stages", unit="stage") as bar:
-        for name in STAGES:
-            if name not in stages:
-                results[name] = StageResult.skipped(name, "not selected (--stages)")
-                continue
-            if failed and fail_fast:
-                results[name] = StageResult.skipped(
-                    name, f"not run: stage '{failed}' did not pass (--fail-fast)")
-                continue
-            log(f"stage {name}")
-            bar.set_postfix_str(name)
-            start = time.perf_counter()
-            try:
-                results[name] = STAGE_FUNCTIONS[name](ctx)
-            except PortError as e:  # the port raised: nothing to compare, the port is broken
-                results[name] = StageResult.errored(name, e.original)
-            timings[name] = round(time.perf_counter() - start, 3)
-            bar.update(1)
-            if results[name].verdict in (Verdict.FAIL, Verdict.ERROR) and failed is None:
-                failed = name
+    own_clock = eta.current() is None  # `check` alone: the port's work is the whole run
+    if own_clock:
+        eta.start(eta.RunClock(eta.RunPlan.for_run(spec.samplers, spec.steps,
+                                                   stages=chosen).port))
+    try:
+        results, timings, failed = _run_stages(ctx, stages, chosen, fail_fast, log)
+    finally:
+        if own_clock:
+            eta.start(None)
     localisation = []
     if locate and failed is not None:
         localisation = locate_failure(rec, port, policy, results[failed], ckpt, log)
@@ -109,6 +96,65 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     report.localisation = localisation
     write_reports(report, out_dir, junit_xml=junit_xml)
     return report
+
+
+def _run_stages(ctx: StageContext, stages: Sequence[str], chosen: List[str], fail_fast: bool,
+                log: Callable[[str], None]) -> Tuple[Dict[str, StageResult], Dict[str, float],
+                                                     Optional[str]]:
+    """Each selected stage in order: results, seconds per stage, and the first failing stage."""
+    results: Dict[str, StageResult] = {}
+    timings: Dict[str, float] = {}
+    failed = None
+    with progress_bar(total=len(chosen), desc="port: stages", unit="stage") as bar:
+        for name in STAGES:
+            if name not in stages:
+                results[name] = StageResult.skipped(name, "not selected (--stages)")
+                continue
+            if failed and fail_fast:
+                results[name] = StageResult.skipped(
+                    name, f"not run: stage '{failed}' did not pass (--fail-fast)")
+                continue
+            log(f"stage {name}{eta.summary()}")
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            try:
+                results[name] = STAGE_FUNCTIONS[name](ctx)
+            except PortError as e:  # the port raised: nothing to compare, the port is broken
+                results[name] = StageResult.errored(name, e.original)
+            results[name] = _with_module_truths(ctx, results[name])
+            timings[name] = round(time.perf_counter() - start, 3)
+            bar.update(1)
+            if results[name].verdict in (Verdict.FAIL, Verdict.ERROR) and failed is None:
+                failed = name
+    return results, timings, failed
+
+def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
+    """The stage's result with each recorded module judged against its float64 truth
+    (`record --modules --truth`) where the policy has `[module_truth.<dtype>]` bounds."""
+    from .locate import has_module_truths, judge_module_truths
+
+    rec, policy, dtype = ctx.rec, ctx.policy, ctx.dtype
+    if result.verdict in (Verdict.SKIP, Verdict.ERROR) or not has_module_truths(rec, result.name):
+        return result
+    port = ctx.port.unwrapped
+    if not hasattr(port, "model"):
+        result.notes.append("per-module truths recorded but not judged: the port has no "
+                            "readable model (`.model`) whose modules can be run")
+        return result
+    if not (policy.module_truths or {}).get(dtype):
+        result.notes.append(f"per-module truths recorded but not judged: policy "
+                            f"'{policy.name}' has no [module_truth.{dtype}] bounds")
+        return result
+    unrun: List[str] = []
+    modules = judge_module_truths(rec, port, policy, result.name, unrun)
+    notes = [f"{len(modules)} modules judged by their own float64 truth ratio (each module on "
+             "the reference module's recorded inputs)"]
+    if unrun:
+        notes.append(f"{len(unrun)} modules could not be run on the recorded inputs, not "
+                     f"judged: {'; '.join(unrun[:3])}{' ...' if len(unrun) > 3 else ''}")
+    return policy.stage_result(result.name, dtype, result.tensors + modules,
+                               per_step=result.per_step, images=result.images,
+                               notes=result.notes + notes)
 
 
 def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckpt: Path,
@@ -139,7 +185,8 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         port_spec: Optional[PortSpec] = None, stages: Sequence[str] = STAGES,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
         log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
-        locate: bool = False, truth: bool = False, quiet: bool = False) -> ParityReport:
+        locate: bool = False, truth: bool = False, modules: bool = False,
+        quiet: bool = False) -> ParityReport:
     """Record the reference in a process of its own (`parity.isolated`), then check the port
     here: the two are never resident together."""
     from .isolated import record_isolated
@@ -147,14 +194,20 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
     policy = policy or load_policy()
     policy.check_covers(stages, spec.dtype)  # a policy that cannot judge fails before any work
     ckpt = resolve_checkpoint(spec)
+    plan = eta.RunPlan.for_run(spec.samplers, spec.steps, truth=truth, stages=stages)
     log(f"recording the reference (diffusers) on {ckpt}, in a process of its own")
     rec, stats = record_isolated(spec, ckpt, Path(out_dir) / "recording", truth=truth,
-                                 quiet=quiet)
+                                 modules=modules, quiet=quiet, run_units=plan.total)
+    eta.start(eta.RunClock(plan.total, done=plan.reference + plan.truth,
+                           elapsed=stats["seconds"]))
     log(f"reference: done in {stats['seconds']} s, peak RSS "
-        f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB")
-    return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
-                 stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
-                 command=command, locate=locate, reference_process=stats)
+        f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB{eta.summary()}")
+    try:
+        return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
+                     stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
+                     command=command, locate=locate, reference_process=stats)
+    finally:
+        eta.start(None)
 
 
 def port_versions() -> Dict[str, str]:

@@ -214,3 +214,28 @@ rel_l2 = { warn = 2e-2, fail = 1e-1 }
     assert p.for_devices("ascend", "ascend").limits("unet", "float16")["cosine_min"]["fail"] == 0.99
     with pytest.raises(PolicyError, match="unknown device 'tpu'"):
         parse_policy_text(text.replace("device.cross", "device.tpu"), "t")
+
+
+def test_module_truth_bounds_by_kind_with_their_floor():
+    from parity.policy import parse_policy_text
+
+    text = """schema_version = 1
+name = "modules"
+[stage.unet.float16]
+rel_l2 = 5e-2
+[module_truth.float16]
+truth_floor = 1e-6
+default = 2.0
+GroupNorm = 1.25
+"""
+    p = parse_policy_text(text, "t")
+    assert p.module_truth_bound("GroupNorm", "float16") == (1.25, 1e-6)
+    assert p.module_truth_bound("Conv2d", "float16") == (2.0, 1e-6)
+    assert p.module_truth_bound("GroupNorm", "float32") is None  # not judged without a table
+    with pytest.raises(PolicyError, match=r"module_truth: unknown dtype 'float8'"):
+        parse_policy_text(text.replace("module_truth.float16", "module_truth.float8"), "t")
+    with pytest.raises(PolicyError, match=r"module_truth.float16.GroupNorm must be > 0"):
+        parse_policy_text(text.replace("GroupNorm = 1.25", "GroupNorm = 0"), "t")
+    shipped = load_policy()
+    assert shipped.module_truth_bound("GroupNorm", "float16")[0] < \
+        shipped.module_truth_bound("Linear", "float16")[0]

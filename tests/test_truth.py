@@ -99,3 +99,63 @@ def test_bfloat16_on_the_cpu_is_one_line_and_exit_2(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sdxl-parity")]
     assert len(lines) == 1 and "no bfloat16 kernels" in lines[0], proc.stderr[-1000:]
     assert not (tmp_path / "r").exists()
+
+
+# ---- per-module truths: float16 precision bugs that stay inside a stage's noise ------------
+
+@pytest.fixture(scope="module")
+def fp16_modules(tmp_path_factory):
+    """A float16 recording with every module's float64 truth (`record --modules --truth`),
+    and the float16 port."""
+    from parity.isolated import record_to_folder
+    from parity.recording import Recording, RunSpec
+    from parity.runner import resolve_checkpoint
+    from sdxl_ms import load_pipeline
+
+    spec = RunSpec(dtype="float16", samplers=("euler",), steps=2)
+    ckpt = resolve_checkpoint(spec)
+    folder = tmp_path_factory.mktemp("fp16-modules") / "rec"
+    record_to_folder(spec, ckpt, folder, truth=True, modules=True)
+    return Recording.load(folder), load_pipeline(ckpt, "float16")
+
+
+def _module_results(report, stage):
+    return [t for t in report.stages[stage].tensors if t.name.startswith("module/")]
+
+
+def test_every_module_of_the_faithful_float16_port_is_within_its_truth_bound(fp16_modules,
+                                                                             tmp_path):
+    report = _check(fp16_modules, tmp_path)
+    assert report.ok, report.headline()
+    for stage, at_least in (("conditioner", 50), ("unet", 400), ("decode", 80)):
+        modules = _module_results(report, stage)
+        assert len(modules) >= at_least, (stage, len(modules))
+        for t in modules:  # three numbers and their ratio, independently recomputed above
+            m = t.metrics
+            assert m.ref_vs_truth is not None and m.port_vs_truth is not None
+            assert m.truth_ratio == pytest.approx(m.port_vs_truth / max(m.ref_vs_truth, 1e-6))
+    sinusoid = report.stages["unet"].find("module/time_proj", 0)
+    assert sinusoid is not None and sinusoid.metrics.port_vs_truth < 1e-6  # float32 on both sides
+
+
+@pytest.mark.parametrize("bug", ["softmax", "groupnorm", "timestep", "vae"])
+def test_a_float16_precision_bug_fails_at_its_stage_naming_its_module(bug, fp16_modules,
+                                                                      tmp_path, monkeypatch):
+    from fp16_bugs import FAILS_AT, inject
+
+    inject(bug, monkeypatch.setattr)
+    stage = FAILS_AT[bug]
+    # the stages up to the bug's own (the faithful port passes them all, test above); the vae
+    # bug leaves the UNet alone, so its check skips the UNet's 478 modules
+    upto = {"conditioner": ("conditioner",), "unet": ("conditioner", "unet"),
+            "decode": ("conditioner", "decode")}[stage]
+    report = _check(fp16_modules, tmp_path, stages=upto)
+    failing = [s.name for s in report.ordered_stages() if s.verdict.value == "fail"]
+    assert failing[:1] == [stage], report.headline()
+    kind = {"softmax": "CLIPAttention", "groupnorm": "GroupNorm",
+            "timestep": "SinusoidalTimesteps", "vae": "Conv2d"}[bug]
+    failing = [t for t in _module_results(report, stage) if t.verdict.value == "fail"]
+    assert failing and any(f"({kind})" in t.reasons[0] for t in failing), \
+        [t.reasons for t in failing]
+    if bug != "vae":  # one module kind is wrong, and only modules of that kind fail
+        assert all(f"({kind})" in t.reasons[0] for t in failing), [t.reasons for t in failing]

@@ -10,9 +10,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import UNetConfig
-from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SiLU,
-                         add_channel_bias_per_image, attention_t, gelu, timestep_embedding,
-                         Upsample)
+from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SinusoidalTimesteps,
+                         SiLU, Upsample, add_channel_bias_per_image, attention_t, gelu)
 from ..nn.module import Module, Network, Sequential, run_model
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm in front of the spatial transformer
@@ -173,6 +172,7 @@ class UNetModel(Network):
             return SpatialTransformer(ch, cfg.heads(ch), cfg.num_head_channels, depth,
                                       cfg.context_dim, groups, dtype)
 
+        self.time_proj = SinusoidalTimesteps(mc)
         self.time_embed = Sequential([Linear(mc, ted, dtype=dtype), SiLU(),
                                       Linear(ted, ted, dtype=dtype)])
         self.label_emb = Sequential([Sequential([
@@ -220,7 +220,7 @@ class UNetModel(Network):
 
     def forward(self, x, timesteps, context, y):
         p = self  # the network's own weights (sdxl_ms.nn.module)
-        t_emb = _cast(timestep_embedding(timesteps, self.cfg.model_channels), self.dtype)
+        t_emb = _cast(self.time_proj(p, timesteps), self.dtype)
         emb = (self.time_embed(p, t_emb)
                + self.label_emb(p, _cast(y, self.dtype)))
         context = _cast(context, self.dtype)

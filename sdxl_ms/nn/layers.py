@@ -212,6 +212,20 @@ class SiLU(Module):
         return silu(x)
 
 
+class SinusoidalTimesteps(Module):
+    """`timestep_embedding` as a parameter-free module (diffusers' `time_proj`; sgm calls the
+    function inline), so a harness can observe and replay the sinusoid on its own: an error in
+    it (computed in float16, say) is invisible to the Linear after it, which is compared on the
+    reference's embedding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, p, t):
+        return timestep_embedding(t, self.dim)
+
+
 class Identity(Module):
     """Parameter-free pass-through (sgm's dropout slots, an unchanged-width skip)."""
 

@@ -105,6 +105,14 @@ class Sequential(Module):
         return x
 
 
+def submodule(model, path: str):
+    """The module at a dotted sgm path ("input_blocks.4.1"): numbered parts index a list."""
+    obj = model
+    for part in path.split("."):
+        obj = obj._cells[part] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
 def _set_key(module, key: str) -> None:
     """`module` is held as `key` by its parent; a list's entries and a Sequential's layers
     are keyed through it (`"input_blocks.1.0"`)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Mapping, Tuple
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..config import PRESETS, SDXLConfig
-from .checkpoint import DIFFUSERS, SGM_NAMED
+from .checkpoint import DIFFUSERS, SGM_NAMED, open_checkpoint
 from .keymap import convert_to_sgm, pipeline_rules, sgm_layout_to_diffusers
 from .safetensors_io import CheckpointError
 
@@ -80,6 +81,13 @@ def diff_layout(expected: Mapping[str, Tuple[int, ...]], actual: Mapping[str, Tu
         mismatched=[(k, tuple(actual[k]), tuple(expected[k])) for k in expected
                     if k in actual and tuple(actual[k]) != tuple(expected[k])],
     )
+
+
+def preset_name_of(path) -> Optional[str]:
+    """The name of the preset whose layout the checkpoint at `path` holds; None for a
+    diffusers folder of widths of its own."""
+    name = infer_preset(open_checkpoint(Path(path))).name
+    return name if name in PRESETS else None
 
 
 def infer_preset(ckpt) -> SDXLConfig:
