@@ -62,6 +62,24 @@ def test_inspect_names_the_mindspore_format(capsys, tiny_checkpoints):
     assert "format: mindspore" in out and "preset: tiny (layout matches exactly)" in out
 
 
+@pytest.mark.parametrize("fmt", ["sgm", "mindspore", "diffusers"])
+def test_the_preset_is_read_from_the_checkpoint_and_a_contrary_one_refused(
+        fmt, tiny_checkpoints, tmp_path, capsys):
+    """A golden records the preset its checkpoint holds (`check` compares it with the port's
+    checkpoint), so `--preset` comes from the layout, and a contradicting one is one line."""
+    import argparse
+
+    from parity.cli import _preset, main
+
+    ckpt = str(tiny_checkpoints[fmt])
+    assert _preset(argparse.Namespace(checkpoint=ckpt, preset=None)) == "tiny"
+    code = main(["record", "--checkpoint", ckpt, "--preset", "sdxl-base",
+                 "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds the 'tiny' layout" in err[0], err
+    assert not (tmp_path / "g").exists()
+
+
 def test_parity_run_from_a_ckpt_passes(tmp_path, tiny_checkpoints):
     """The reference converts the .ckpt to a diffusers folder; the port reads it directly."""
     from parity.recording import RunSpec
