@@ -55,26 +55,6 @@ def _preset(args) -> str:
     return found
 
 
-def _validate_spec(spec) -> None:
-    """Everything a spec needs to be recorded and checked, before anything loads."""
-    from sdxl_ms.config import get_preset
-    from sdxl_ms.pipeline import check_generation_args, check_guidance
-    from .schedulers import diffusers_scheduler_spec
-
-    get_preset(spec.preset)
-    if not spec.samplers:
-        raise InputError("--sampler names no sampler")
-    for s in spec.samplers:
-        diffusers_scheduler_spec(s, spec.schedule)  # known, and comparable with diffusers
-    check_generation_args(spec.height or 8, spec.width or 8, spec.steps, "np")
-    check_guidance(spec.guidance)
-    if spec.guidance <= 1:
-        raise InputError(f"guidance must be > 1 for a parity run, got {spec.guidance:g}: at <= 1 "
-                         "diffusers skips the unconditional pass the stages compare")
-    if spec.checkpoint:
-        check_existing(spec.checkpoint, "checkpoint")
-
-
 def _log(args):
     if getattr(args, "quiet", False):
         return lambda s: None
@@ -140,7 +120,7 @@ def cmd_run(args) -> int:
 
     require_reference("sdxl-parity run (it records the reference)")
     spec = _spec(args)
-    _validate_spec(spec)
+    spec.validate()
     _port_backend(args, spec.dtype)
     port_spec = _port_spec(args)
     policy = load_policy(args.policy)
@@ -165,7 +145,7 @@ def cmd_record(args) -> int:
 
     require_reference("sdxl-parity record")
     spec = _spec(args)
-    _validate_spec(spec)
+    spec.validate()
     out = check_recording_target(check_output_dir(args.out, "recording folder"))
     log = _log(args)
     truth = _wants_truth(args, spec.dtype)

@@ -305,11 +305,16 @@ def _run_port_freely(pipe, target: Target, inputs: Dict[str, np.ndarray]) -> Non
         pipe.decode(inputs["latents"])
 
 
-def _port_module_outputs(pipe, reader: CaptureReader, desc: str):
+def _port_modules(pipe, index: CaptureIndex) -> List:
+    """The port module of each captured pair, in capture order."""
+    return [port_module(pipe, pair.port_path) for pair in index.pairs]
+
+
+def _port_module_outputs(reader: CaptureReader, modules: List, desc: str):
     """(index, pair, recorded tensors, the port module's output or None, error text) for every
-    captured module: the port module run on the reference's recorded inputs."""
+    captured module: the port module (`modules`, from `_port_modules`) run on the reference's
+    recorded inputs."""
     index = reader.index
-    modules = [port_module(pipe, pair.port_path) for pair in index.pairs]
     with progress_bar(total=len(index.pairs), desc=desc, unit="module") as bar:
         for i, (pair, module) in enumerate(zip(index.pairs, modules)):
             recorded = reader.tensors(i)
@@ -333,7 +338,7 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
     index = reader.index
     target = Target(index.stage, index.sampler, index.step)
     start = time.perf_counter()
-    modules = [port_module(pipe, pair.port_path) for pair in index.pairs]
+    modules = _port_modules(pipe, index)
     rows: List[ModuleRow] = []
     accumulated: Dict[int, float] = {}
 
@@ -346,7 +351,7 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
         with _observe({id(m): i for i, m in enumerate(modules)}, compare_output):
             _run_port_freely(pipe, target, _stage_inputs(rec, target))
         for i, pair, recorded, out, error in _port_module_outputs(
-                pipe, reader, f"port: modules of {target.stage}"):
+                reader, modules, f"port: modules of {target.stage}"):
             own = None if out is None else rel_l2(recorded["out"], out)
             truth = {}
             found = truth_bound_of(pair.kind)
@@ -386,7 +391,8 @@ def judge_module_truths(rec: Recording, pipe, policy, stage: str,
     try:
         with _eager():
             for _, pair, recorded, out, error in _port_module_outputs(
-                    pipe, reader, f"port: module truths of {stage}"):
+                    reader, _port_modules(pipe, reader.index),
+                    f"port: module truths of {stage}"):
                 found = policy.module_truth_bound(pair.kind, rec.spec.dtype)
                 if found is None or "truth" not in recorded:
                     continue

@@ -144,8 +144,6 @@ def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
     """Add the float64 truth to `rec`: the reference in float64 on exactly the inputs each
     stage feeds both sides (teacher-forced), for every conditioner output, UNet call and
     decode. Stored as float32 (its rounding, 6e-8, is far below any dtype's error here)."""
-    from .reference import load_reference
-
     tick = progress or (lambda what: None)
     if truth is None:
         tick("float64 truth: loading")

@@ -72,7 +72,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         eta.start(eta.RunClock(eta.RunPlan.for_run(spec.samplers, spec.steps,
                                                    stages=chosen).port))
     try:
-        results, timings, failed = _run_stages(ctx, stages, chosen, fail_fast, log)
+        results, timings, failed = _run_stages(ctx, chosen, fail_fast, log)
     finally:
         if own_clock:
             eta.start(None)
@@ -98,16 +98,17 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     return report
 
 
-def _run_stages(ctx: StageContext, stages: Sequence[str], chosen: List[str], fail_fast: bool,
+def _run_stages(ctx: StageContext, chosen: List[str], fail_fast: bool,
                 log: Callable[[str], None]) -> Tuple[Dict[str, StageResult], Dict[str, float],
                                                      Optional[str]]:
-    """Each selected stage in order: results, seconds per stage, and the first failing stage."""
+    """Every stage in order, those in `chosen` run: results, seconds per stage, and the first
+    failing stage."""
     results: Dict[str, StageResult] = {}
     timings: Dict[str, float] = {}
     failed = None
     with progress_bar(total=len(chosen), desc="port: stages", unit="stage") as bar:
         for name in STAGES:
-            if name not in stages:
+            if name not in chosen:
                 results[name] = StageResult.skipped(name, "not selected (--stages)")
                 continue
             if failed and fail_fast:
@@ -127,6 +128,7 @@ def _run_stages(ctx: StageContext, stages: Sequence[str], chosen: List[str], fai
             if results[name].verdict in (Verdict.FAIL, Verdict.ERROR) and failed is None:
                 failed = name
     return results, timings, failed
+
 
 def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
     """The stage's result with each recorded module judged against its float64 truth

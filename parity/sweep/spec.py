@@ -535,8 +535,6 @@ def _matches(value, wanted: list) -> bool:
 def _case(r: _Reader, fields: Dict[str, Any], preset: str, checkpoint: Optional[str],
           checkpoint_seed: int, policy: str, port: str, stages: Tuple[str, ...],
           truth: Optional[bool]) -> Case:
-    from ..cli import _validate_spec
-
     size = fields["size"]
     run = RunSpec(preset=preset, checkpoint=checkpoint, checkpoint_seed=checkpoint_seed,
                   prompt=fields["prompt"], negative_prompt=fields["negative_prompt"] or None,
@@ -545,7 +543,7 @@ def _case(r: _Reader, fields: Dict[str, Any], preset: str, checkpoint: Optional[
                   guidance=fields["guidance"], height=size and size[0],
                   width=size and size[1], dtype=fields["dtype"])
     try:
-        _validate_spec(run)
+        run.validate()
     except InputError as e:
         where = ", ".join(f"{k} {_show(k, v)}" for k, v in fields.items()
                           if k in ("sampler", "schedule"))
