@@ -51,8 +51,8 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
     """Floors per dtype and stage over every (seed, prompt), from record + truth + check."""
     from .policy import load_policy
     from .record import record, record_truth
-    from .recording import RunSpec
-    from .runner import check, resolve_checkpoint
+    from .recording import RunSpec, resolve_checkpoint
+    from .runner import check
 
     floors: Dict = {"cases": [], "device": {"reference": "cpu", "port": _port_device()},
                     "dtypes": {}}

@@ -141,7 +141,7 @@ def cmd_record(args) -> int:
     from .isolated import record_to_folder
     from .recording import check_recording_target
     from .reference import require_reference
-    from .runner import resolve_checkpoint
+    from .recording import resolve_checkpoint
 
     require_reference("sdxl-parity record")
     spec = _spec(args)
@@ -192,11 +192,6 @@ def cmd_check(args) -> int:
     out = _outputs(args)
     if args.locate:
         policy.module_bound("default", rec.spec.dtype)
-        if not rec.modules:
-            from .reference import require_reference
-
-            require_reference("check --locate on a recording without module captures "
-                              "(record it with --modules to locate without torch)")
     report = check(rec, out, policy=policy, port_spec=port_spec, checkpoint=args.checkpoint,
                    stages=stages, fail_fast=args.fail_fast,
                    junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
@@ -253,35 +248,45 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_locate(args) -> int:
-    from .locate import LOCATABLE_STAGES, locate
+    from .contract import has_modules
+    from .locate import LOCATABLE_STAGES, locate, needs_live_capture
     from .policy import load_policy
-    from .ports import BUILTIN, PortSpec, load_port
-    from .recording import Recording
+    from .ports import load_port
+    from .recording import Recording, resolve_checkpoint
     from .reports.locate_report import write_locate_reports
-    from .runner import resolve_checkpoint
+    from .runner import compile_dumps_in
 
     rec = Recording.load(check_existing(args.golden, "golden recording"))
     _check_golden_matches(rec, args)
+    _port_backend(args, rec.spec.dtype)
+    port_spec = _port_spec(args)
     policy = load_policy(args.policy)
     policy.module_bound("default", rec.spec.dtype)
     stages = [args.stage] if args.stage else list(LOCATABLE_STAGES)
-    missing = [s for s in stages if s not in rec.modules]
-    if missing:
+    live = [s for s in stages if needs_live_capture(rec, s, args.sampler, args.step)]
+    if live:
         from .reference import require_reference
 
-        require_reference(f"locate in {', '.join(missing)} (the recording has no module "
+        require_reference(f"locate in {', '.join(live)} (the recording has no module "
                           "captures for it; record it with --modules to locate without torch)")
+        rec.weights()  # the reference runs on the golden's own weights: here, and unchanged
     out = check_output_dir(args.out, "report folder")
     ckpt = resolve_checkpoint(rec.spec, args.checkpoint,
                               rec.meta.get("checkpoint_generator_version"))
     log = _log(args)
-    log(f"loading the port from {ckpt}")
-    port = load_port(PortSpec.parse(BUILTIN), ckpt, rec.spec.dtype)
-    found = [locate(rec, port, policy, stage, sampler=args.sampler, step=args.step,
-                    checkpoint=ckpt, log=log).to_dict() for stage in stages]
+    with compile_dumps_in(out):
+        log(f"loading the port ({port_spec}) from {ckpt}")
+        port = load_port(port_spec, ckpt, rec.spec.dtype)
+        if not has_modules(port):
+            raise InputError(f"--port {port_spec}: {type(port).__name__} offers no modules() "
+                             "(parity/contract.py), so locate cannot run its modules; "
+                             "`sdxl-parity check --port` gives its stage verdicts")
+        found = [locate(rec, port, policy, stage, sampler=args.sampler, step=args.step,
+                        log=log).to_dict() for stage in stages]
     headline = write_locate_reports(found, out, meta={"command": _command(args),
                                                       "recording": str(rec.path),
                                                       "checkpoint": str(ckpt),
+                                                      "port": str(port_spec),
                                                       "policy": policy.name,
                                                       "dtype": rec.spec.dtype})
     print(headline)
@@ -403,7 +408,11 @@ def _add_check_options(p) -> None:
                         "in the report")
     p.add_argument("--locate", action="store_true",
                    help="name the first divergent module of the first failing stage "
-                        "(conditioner, unet or decode): see `sdxl-parity locate`")
+                        "(conditioner, unet or decode), each port module run on the "
+                        "reference's recorded inputs: see `sdxl-parity locate`. Needs a port "
+                        "that offers modules() (the built-in one does; others get a one-line "
+                        "note and their stage verdicts); without module captures in the "
+                        "golden, torch and the golden's own weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -490,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint (default: the one the recording names)")
     lo.add_argument("--policy", default=None, help="policy TOML with [module.<dtype>] bounds")
     lo.add_argument("--out", default="locate-report", help="report folder (default: ./locate-report)")
+    lo.add_argument("--port", default=None, metavar="MODULE:FACTORY",
+                    help="the port whose modules are run: its factory's object must offer "
+                         "modules() (parity/contract.py; default: the built-in sdxl_ms port)")
     _add_run_options(lo, spec_options=False)
     lo.set_defaults(func=cmd_locate)
 

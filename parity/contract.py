@@ -19,6 +19,12 @@ Shapes (B images, 77 tokens, h = H/8, w = W/8; dtypes as returned):
                                                  uncond first: the port's CFG combination
     sample(run, eps, callback) (optional)     -> final latents float32 (B, 4, h, w); see
                                                  `SamplingContract`
+    modules()                  (optional)     -> `PortModules`: the port's module tree, which
+                                                 `--locate` and the per-module truths run
+                                                 module by module (`ModuleContract`)
+
+Capabilities are what a port declares, never guessed from its attributes: a port without
+`modules()` gets stage verdicts, and `--locate` says in one line that it cannot go further.
 """
 from __future__ import annotations
 
@@ -93,6 +99,41 @@ class SamplingContract(Protocol):
     def sample(self, run: SamplerRun, eps: EpsFn, callback: StepCallback) -> np.ndarray: ...
 
 
+@runtime_checkable
+class PortModules(Protocol):
+    """What the harness needs to run a port module by module.
+
+    `root` is the port's whole model with sgm's module tree and parameter names
+    (`model.diffusion_model.*`, `conditioner.embedders.*`, `first_stage_model.*`); `config` is
+    what the weight key maps take for that layout (`sdxl_ms.config.SDXLConfig`); `module(path)`
+    returns the module at a full sgm path that computes in the port (e.g. the VAE's float32
+    copy in a float16 run); `run_stage(stage, inputs)` runs the networks of "conditioner",
+    "unet" or "decode" on the stage's recorded inputs (`input_ids`/`input_ids_2`; the UNet's
+    keyword arguments; `latents`), so each module's output in the free run can be observed.
+    Today the modules must be `sdxl_ms.nn.Module`s (the built-in port's module system,
+    `sdxl_ms.module_access.ModuleAccess`).
+    """
+
+    root: object
+    config: object
+
+    def module(self, path: str) -> object: ...
+
+    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> None: ...
+
+
+@runtime_checkable
+class ModuleContract(Protocol):
+    """A port that exposes its modules (`PortModules`), for localisation and module truths."""
+
+    def modules(self) -> PortModules: ...
+
+
+def has_modules(port) -> bool:
+    """Whether `port` declares module access (`ModuleContract`)."""
+    return callable(getattr(port, "modules", None))
+
+
 REQUIRED_METHODS = ("tokenize", "encode_prompt", "unet", "decode")
 _REQUIRED_ARGS = {
     "tokenize": ("prompts",),
@@ -102,13 +143,14 @@ _REQUIRED_ARGS = {
     "decode": ("latents",),
     "sample": ("run", "eps", "callback"),
     "guide": ("eps", "scale"),
+    "modules": (),
 }
 
 
 def signature_problems(port) -> List[str]:
     """What keeps `port` from the contract: missing methods or argument names."""
     problems = []
-    for name in REQUIRED_METHODS + tuple(m for m in ("sample", "guide") if hasattr(port, m)):
+    for name in REQUIRED_METHODS + tuple(m for m in ("sample", "guide", "modules") if hasattr(port, m)):
         method = getattr(port, name, None)
         if not callable(method):
             problems.append(f"no method {name}()")

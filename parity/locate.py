@@ -24,17 +24,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from sdxl_ms.errors import InputError
-from sdxl_ms.nn.module import submodule
 from sdxl_ms.progress import bar as progress_bar
 
-from .contract import ENCODE_OUTPUTS, cfg_batch
+from .contract import ENCODE_OUTPUTS, cfg_batch, has_modules
 from .metrics import against_truth, format_value, rel_l2
 from .module_capture import CaptureIndex, CaptureReader, CaptureWriter
 from .module_pairs import (LOCATABLE_STAGES, PORT_CALLS, ModulePair, pair_modules,
                            reference_inputs, reference_module_table, run_port_module,
                            to_reference_layout)
 from .recording import Recording, call_key, conditioner_key, sampler_key, tokens_key
-from .results import TensorResult, Verdict
+from .results import TensorResult, Verdict, exception_line
 
 
 # ---- what a stage's localisation runs on --------------------------------------------------------
@@ -169,9 +168,18 @@ class ModuleRow:
     port_vs_truth: Optional[float] = None
     truth_ratio: Optional[float] = None  # port_vs_truth / max(ref_vs_truth, floor)
     truth_bound: Optional[float] = None
+    error_text: str = ""  # the whole exception text where `error` holds its first line
+
+    @property
+    def raised(self) -> bool:
+        """The port module raised on the reference's inputs: it is broken there, whatever
+        its numbers would have been."""
+        return bool(self.error)
 
     @property
     def over(self) -> bool:
+        if self.raised:
+            return True
         if self.truth_ratio is not None and self.truth_bound is not None:
             return math.isnan(self.truth_ratio) or self.truth_ratio > self.truth_bound
         return self.own is not None and (math.isnan(self.own) or self.own > self.bound)
@@ -182,14 +190,14 @@ class ModuleRow:
         return {"module": self.module, "reference_module": self.reference, "kind": self.kind,
                 "own_rel_l2": self.own, "accumulated_rel_l2": self.accumulated,
                 "bound": self.bound, **truth, "over": self.over,
-                **({"error": self.error} if self.error else {})}
+                **({"error": self.error, "error_text": self.error_text} if self.error else {})}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "ModuleRow":
         return cls(d["module"], d["reference_module"], d["kind"], d.get("own_rel_l2"),
                    d.get("accumulated_rel_l2"), d["bound"], d.get("error", ""),
                    d.get("ref_vs_truth"), d.get("port_vs_truth"), d.get("truth_ratio"),
-                   d.get("truth_bound"))
+                   d.get("truth_bound"), d.get("error_text", ""))
 
 
 @dataclass
@@ -202,6 +210,8 @@ class Localisation:
     rows: List[ModuleRow] = field(default_factory=list)
     seconds: float = 0.0
     metric: str = "rel_l2"
+    free_run_error: str = ""  # the port raised in its free run: no accumulated errors
+    note: str = ""  # why nothing was named, where the harness knows more (set by the runner)
 
     @property
     def culprit(self) -> Optional[ModuleRow]:
@@ -211,10 +221,12 @@ class Localisation:
         r = self.culprit
         if r is None:
             return None
+        where = {"stage": self.stage, "step": self.step, "sampler": self.sampler or None,
+                 "module": r.module, "reference_module": r.reference, "kind": r.kind}
+        if r.raised:
+            return {**where, "error": r.error}
         metric, value, bound = _judged(r, self.metric)
-        return {"stage": self.stage, "step": self.step, "sampler": self.sampler or None,
-                "module": r.module, "reference_module": r.reference, "kind": r.kind,
-                "metric": metric, "value": value, "bound": bound}
+        return {**where, "metric": metric, "value": value, "bound": bound}
 
     def describe(self) -> str:
         """`module 'output_blocks.3.1...' (up_blocks.0...): own rel_l2 3.1e-04 > fail 1e-05`."""
@@ -222,6 +234,8 @@ class Localisation:
         if r is None:
             return (f"no module of stage '{self.stage}' is over its bound "
                     f"({len(self.rows)} modules compared)")
+        if r.raised:
+            return f"module '{r.module}' ({r.reference.partition('/')[2]}) raised {r.error}"
         metric, value, bound = _judged(r, self.metric)
         return (f"module '{r.module}' ({r.reference.partition('/')[2]}): {metric} "
                 f"{value:.3g} > fail {bound:.3g}")
@@ -230,13 +244,16 @@ class Localisation:
         return {"stage": self.stage, "sampler": self.sampler or None, "step": self.step,
                 "metric": self.metric, "seconds": self.seconds,
                 "first_divergent_module": self.first_divergent_module(),
+                **({"free_run_error": self.free_run_error} if self.free_run_error else {}),
+                **({"note": self.note} if self.note else {}),
                 "modules": [r.to_dict() for r in self.rows]}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Localisation":
         return cls(stage=d["stage"], sampler=d.get("sampler") or "", step=d.get("step"),
                    rows=[ModuleRow.from_dict(r) for r in d.get("modules", [])],
-                   seconds=d.get("seconds", 0.0), metric=d.get("metric", "rel_l2"))
+                   seconds=d.get("seconds", 0.0), metric=d.get("metric", "rel_l2"),
+                   free_run_error=d.get("free_run_error", ""), note=d.get("note", ""))
 
 
 def _judged(row: ModuleRow, metric: str) -> Tuple[str, float, float]:
@@ -247,13 +264,12 @@ def _judged(row: ModuleRow, metric: str) -> Tuple[str, float, float]:
     return f"own {metric}", row.own, row.bound
 
 
-def port_module(pipe, path: str):
-    """The port module at sgm `path`; the VAE's from the one that decodes (`decoding_vae`: its
-    float32 copy in a float16 run), as the reference's side does."""
-    vae_prefix = "first_stage_model."
-    if path.startswith(vae_prefix) and hasattr(pipe, "decoding_vae"):
-        return submodule(pipe.decoding_vae(), path[len(vae_prefix):])
-    return submodule(pipe.model, path)
+def module_access(port):
+    """The port's declared module access (`modules()` of the contract), or bad input."""
+    if not has_modules(port):
+        raise InputError(f"{type(port).__name__} offers no modules() (parity/contract.py): "
+                         "localisation needs the port's module tree")
+    return port.modules()
 
 
 @contextlib.contextmanager
@@ -293,21 +309,9 @@ def _observe(wanted: Dict[int, int], on_output: Callable[[int, object], None]) -
         Module.__call__ = original
 
 
-def _run_port_freely(pipe, target: Target, inputs: Dict[str, np.ndarray]) -> None:
-    from mindspore import Tensor
-
-    if target.stage == "conditioner":
-        pipe.model.conditioner.encode_text(Tensor(inputs["input_ids"].astype(np.int32)),
-                                           Tensor(inputs["input_ids_2"].astype(np.int32)))
-    elif target.stage == "unet":
-        pipe.unet(**inputs)
-    else:
-        pipe.decode(inputs["latents"])
-
-
-def _port_modules(pipe, index: CaptureIndex) -> List:
+def _port_modules(access, index: CaptureIndex) -> List:
     """The port module of each captured pair, in capture order."""
-    return [port_module(pipe, pair.port_path) for pair in index.pairs]
+    return [access.module(pair.port_path) for pair in index.pairs]
 
 
 def _port_module_outputs(reader: CaptureReader, modules: List, desc: str):
@@ -318,16 +322,16 @@ def _port_module_outputs(reader: CaptureReader, modules: List, desc: str):
     with progress_bar(total=len(index.pairs), desc=desc, unit="module") as bar:
         for i, (pair, module) in enumerate(zip(index.pairs, modules)):
             recorded = reader.tensors(i)
-            out, error = None, ""
+            out, error = None, None
             try:
                 out = run_port_module(pair, module, recorded)
-            except Exception as e:  # a module the adapter cannot drive: shown, not fatal
-                error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            except Exception as e:  # noqa: BLE001 - the module raised: named, never fatal
+                error = e
             yield i, pair, recorded, out, error
             bar.update(1)
 
 
-def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callable[[str], float],
+def locate_in_port(port, reader: CaptureReader, rec: Recording, bound_of: Callable[[str], float],
                    log: Callable[[str], None] = lambda s: None,
                    truth_bound_of: Callable[[str], Optional[Tuple[float, float]]] = (
                        lambda kind: None)) -> Localisation:
@@ -338,8 +342,10 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
     index = reader.index
     target = Target(index.stage, index.sampler, index.step)
     start = time.perf_counter()
-    modules = _port_modules(pipe, index)
+    access = module_access(port)
+    modules = _port_modules(access, index)
     rows: List[ModuleRow] = []
+    free_run_error = ""
     accumulated: Dict[int, float] = {}
 
     def compare_output(i: int, out) -> None:
@@ -349,7 +355,11 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
     with _eager():
         log(f"port: free run of stage {target.stage} (accumulated error)")
         with _observe({id(m): i for i, m in enumerate(modules)}, compare_output):
-            _run_port_freely(pipe, target, _stage_inputs(rec, target))
+            try:
+                access.run_stage(target.stage, _stage_inputs(rec, target))
+            except Exception as e:  # noqa: BLE001 - the port's failure: its modules say where
+                free_run_error = exception_line(e)
+                log(f"port: the free run of stage {target.stage} raised {free_run_error}")
         for i, pair, recorded, out, error in _port_module_outputs(
                 reader, modules, f"port: modules of {target.stage}"):
             own = None if out is None else rel_l2(recorded["out"], out)
@@ -360,10 +370,14 @@ def locate_in_port(pipe, reader: CaptureReader, rec: Recording, bound_of: Callab
                 truth = {**against_truth(recorded["out"], out, recorded["truth"], floor),
                          "truth_bound": bound}
             rows.append(ModuleRow(pair.module, pair.reference, pair.kind, own,
-                                  accumulated.get(i), bound_of(pair.kind), error, **truth))
+                                  accumulated.get(i), bound_of(pair.kind),
+                                  "" if error is None else exception_line(error), **truth,
+                                  error_text="" if error is None else f"{type(error).__name__}: "
+                                                                      f"{error}"))
     step = target.step if target.stage == "unet" else None
     return Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
-                        seconds=round(time.perf_counter() - start, 3))
+                        seconds=round(time.perf_counter() - start, 3),
+                        free_run_error=free_run_error)
 
 
 def has_module_truths(rec: Recording, stage: str) -> bool:
@@ -373,7 +387,7 @@ def has_module_truths(rec: Recording, stage: str) -> bool:
                                      for m in found[0].get("modules", []))
 
 
-def judge_module_truths(rec: Recording, pipe, policy, stage: str,
+def judge_module_truths(rec: Recording, port, policy, stage: str,
                         unrun: List[str]) -> List[TensorResult]:
     """Each captured module of `stage` judged by its truth ratio, as tensors of that stage
     (`module/<sgm name>`): in reduced precision a module can be broken by far less than the
@@ -391,13 +405,13 @@ def judge_module_truths(rec: Recording, pipe, policy, stage: str,
     try:
         with _eager():
             for _, pair, recorded, out, error in _port_module_outputs(
-                    reader, _port_modules(pipe, reader.index),
+                    reader, _port_modules(module_access(port), reader.index),
                     f"port: module truths of {stage}"):
                 found = policy.module_truth_bound(pair.kind, rec.spec.dtype)
                 if found is None or "truth" not in recorded:
                     continue
-                if out is None:  # the harness cannot drive it: said, not judged
-                    unrun.append(f"{pair.module} ({error})")
+                if out is None:  # it raised: said, not judged
+                    unrun.append(f"{pair.module} ({exception_line(error)})")
                     continue
                 bound, floor = found
                 name = f"module/{pair.module}"
@@ -452,11 +466,21 @@ def _capture_for(rec: Recording, target: Target) -> Optional[tuple]:
     return index, found[1]
 
 
-def locate(rec: Recording, pipe, policy, stage: str, *, sampler: Optional[str] = None,
-           step: Optional[int] = None, checkpoint=None, work_dir: Optional[Path] = None,
+def needs_live_capture(rec: Recording, stage: str, sampler: Optional[str] = None,
+                       step: Optional[int] = None) -> bool:
+    """Whether localising `stage` needs the reference now (the recording has no module capture
+    for it at this sampler and step)."""
+    return _capture_for(rec, resolve_target(rec, stage, sampler, step)) is None
+
+
+def locate(rec: Recording, port, policy, stage: str, *, sampler: Optional[str] = None,
+           step: Optional[int] = None, work_dir: Optional[Path] = None,
            reference=None, log: Callable[[str], None] = lambda s: None) -> Localisation:
     """The module table of `stage`: from the recording's own module capture when it has one
-    for this sampler and step, else captured now from the reference (needs torch)."""
+    for this sampler and step, else captured now from the reference (needs torch), always on
+    the weights the recording was made with (`Recording.weights`), not the port's checkpoint:
+    a conversion bug in the port's weights then shows as the own error of the module that
+    holds the tensor."""
     target = resolve_target(rec, stage, sampler, step)
     bound_of = lambda kind: policy.module_bound(kind, rec.spec.dtype)  # noqa: E731
     bound_of("default")  # a policy without module bounds fails before any work
@@ -467,21 +491,31 @@ def locate(rec: Recording, pipe, policy, stage: str, *, sampler: Optional[str] =
         where = "the recording has none for it" if rec.modules else \
             "the recording has no module captures (record it with --modules)"
         require_reference(f"locating in stage '{stage}' ({where})")
+        weights = rec.weights()
         if reference is None:
-            log(f"loading the reference from {checkpoint}")
-            reference = load_reference(checkpoint, dtype=rec.spec.dtype)
-        import tempfile
+            log(f"loading the reference from {weights} (the golden's weights)")
+            reference = load_reference(weights, dtype=rec.spec.dtype)
+        access = module_access(port)
+        with contextlib.ExitStack() as stack:
+            if work_dir is None:
+                import tempfile
 
-        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="sdxl-parity-locate-"))
-        work_dir.mkdir(parents=True, exist_ok=True)
-        path = work_dir / f"modules-{stage}.npz"
-        model, cfg = pipe.model, pipe.model.cfg
-        index = capture_reference(reference, model, cfg, rec, target, path, log=log)
-    else:
-        index, path = found
+                work_dir = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="sdxl-parity-locate-"))
+            path = Path(work_dir) / f"modules-{stage}.npz"
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+            index = capture_reference(reference, access.root, access.config, rec, target,
+                                      path, log=log)
+            return _locate_from_capture(port, rec, policy, path, index, bound_of, log)
+    index, path = found
+    return _locate_from_capture(port, rec, policy, path, index, bound_of, log)
+
+
+def _locate_from_capture(port, rec: Recording, policy, path: Path, index: CaptureIndex,
+                         bound_of, log) -> Localisation:
     reader = CaptureReader(path, index)
     try:
-        return locate_in_port(pipe, reader, rec, bound_of, log=log,
+        return locate_in_port(port, reader, rec, bound_of, log=log,
                               truth_bound_of=lambda kind: policy.module_truth_bound(
                                   kind, rec.spec.dtype))
     finally:

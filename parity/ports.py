@@ -7,6 +7,7 @@ folder too) or a Python file (`path/to/adapter.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -16,7 +17,8 @@ from typing import Any, Callable, Dict, Optional
 
 from sdxl_ms.errors import InputError
 
-from .contract import signature_problems
+from .contract import has_modules, signature_problems
+from .recording import file_sha256
 
 BUILTIN = "sdxl_ms.pipeline:load_pipeline"
 
@@ -49,13 +51,7 @@ class PortSpec:
 
 def _import(name: str):
     if name.endswith(".py"):
-        path = Path(name)
-        if not path.is_file():
-            raise InputError(f"--port: no such file {path}")
-        spec = importlib.util.spec_from_file_location(f"sdxl_parity_port_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return import_file(Path(name))
     added = str(Path.cwd()) not in sys.path
     if added:  # like `python -m`: modules beside the current folder
         sys.path.insert(0, str(Path.cwd()))
@@ -66,6 +62,38 @@ def _import(name: str):
     finally:
         if added:
             sys.path.remove(str(Path.cwd()))
+
+
+def import_file(path: Path):
+    """A port's `.py` file imported as a real module, as `python path/to/file.py` would see it:
+    registered in `sys.modules` under its own name (the file's stem, or a name derived from its
+    path where another module already holds the stem) and its folder importable. MindSpore's
+    graph compiler resolves a jitted function's globals through `sys.modules[fn.__module__]`,
+    so a file executed without registration fails to compile any `ms.jit` code it holds."""
+    if not path.is_file():
+        raise InputError(f"--port: no such file {path}")
+    path = path.resolve()
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # kept: the port may import its siblings lazily
+    name = path.stem
+    held = sys.modules.get(name)
+    if held is not None:
+        if Path(getattr(held, "__file__", "") or "").resolve() == path:
+            return held
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        name = f"sdxl_parity_port_{path.stem}_{digest}"
+        if name in sys.modules:
+            return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def load_port(spec: PortSpec, checkpoint: Path, dtype: str) -> Any:
@@ -90,7 +118,13 @@ def describe(port: Any, spec: Optional[PortSpec]) -> Dict[str, Any]:
     version = getattr(port, "version", None) or getattr(module, "__version__", None)
     top = sys.modules.get(cls.__module__.partition(".")[0])
     version = version or getattr(top, "__version__", None)
-    return {"spec": str(spec) if spec else "an object passed to parity.runner.check", "class": f"{cls.__module__}.{cls.__qualname__}",
-            "version": version, "sampler": "own sample()" if hasattr(port, "sample")
+    source = {}
+    if spec is not None and spec.module.endswith(".py") and Path(spec.module).is_file():
+        source = {"file": str(Path(spec.module).resolve()),
+                  "file_sha256": file_sha256(Path(spec.module))}
+    return {"spec": str(spec) if spec else "an object passed to parity.runner.check",
+            "class": f"{cls.__module__}.{cls.__qualname__}", "version": version, **source,
+            "modules": "own modules()" if has_modules(port) else
+            "none (the port offers no modules(): no localisation or module truths)", "sampler": "own sample()" if hasattr(port, "sample")
             else "built-in sdxl_ms sampler (the port offers no sample())",
             "guide": "own guide()" if hasattr(port, "guide") else "the reference's CFG"}

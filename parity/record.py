@@ -16,8 +16,8 @@ from sdxl_ms.progress import bar as progress_bar
 from . import eta
 from .contract import ENCODE_OUTPUTS, cfg_batch, to_images
 from .eta import unet_calls_per_sampler
-from .recording import (Recording, RunSpec, call_key, conditioner_key, probe_key, sampler_key,
-                        tokens_key, truth_key)
+from .recording import (Recording, RunSpec, call_key, checkpoint_sha256, conditioner_key,
+                        probe_key, sampler_key, tokens_key, truth_key)
 
 # schedulers whose latents live in another parametrisation than the port's variance-exploding x
 _VP_LATENTS = {"dpmpp_2m"}
@@ -134,7 +134,8 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
     from sdxl_ms.weights.synthetic import GENERATOR_VERSION
 
     meta = {"reference": reference_versions(ref), "height": height, "width": width,
-            "checkpoint": spec.checkpoint_source()}
+            "checkpoint": spec.checkpoint_source(),
+            "checkpoint_sha256": checkpoint_sha256(checkpoint)}
     if spec.checkpoint is None:  # seeded: `check` regenerates it, so pin what the seed meant
         meta["checkpoint_generator_version"] = GENERATOR_VERSION
     return Recording(spec=spec, tensors=tensors, schedules=schedules, meta=meta)

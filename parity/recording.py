@@ -22,6 +22,7 @@ Tensor names (`<s>` is a sampler name, `<k>` a UNet call, `<i>` a sampler step):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -159,6 +160,27 @@ class Recording:
             calls += 1
         return calls
 
+    def weights(self) -> Path:
+        """The weights this recording was made with, on this machine: the reference for a live
+        module capture must run on them, never on the port's checkpoint (a conversion bug in
+        that would be on both sides and invisible). Bad input (exit 2) when they are not here
+        or differ from the recorded content hash."""
+        redo = ("record the golden with --modules where its weights are (sdxl-parity record "
+                "--modules), so localisation needs no reference")
+        try:
+            path = resolve_checkpoint(self.spec, None,
+                                      self.meta.get("checkpoint_generator_version"))
+        except RecordingError as e:
+            raise RecordingError(f"{e}; or {redo}") from None
+        if not path.exists():
+            raise RecordingError(f"golden {self.path} was recorded on {path}, which is not on "
+                                 f"this machine: {redo}")
+        recorded = self.meta.get("checkpoint_sha256")
+        if recorded and checkpoint_sha256(path) != recorded:
+            raise RecordingError(f"golden {self.path} was recorded on {path}, which has changed "
+                                 f"since (content sha256 differs): {redo}")
+        return path
+
     def save(self, folder: Path) -> Path:
         from safetensors.numpy import save_file
 
@@ -174,7 +196,7 @@ class Recording:
                 "meta": self.meta,
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                             for k, v in sorted(self.tensors.items())},
-                "tensors_sha256": _sha256(tmp / TENSORS),
+                "tensors_sha256": file_sha256(tmp / TENSORS),
             }
             saved = {}
             for stage, (index, source) in self.modules.items():
@@ -182,7 +204,7 @@ class Recording:
                 if Path(source).resolve() != (tmp / name).resolve():
                     shutil.copyfile(source, tmp / name)
                 os.chmod(tmp / name, default_file_mode())
-                saved[stage] = {**index, "file": name, "sha256": _sha256(tmp / name)}
+                saved[stage] = {**index, "file": name, "sha256": file_sha256(tmp / name)}
             if saved:
                 manifest["modules"] = saved
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -208,7 +230,7 @@ class Recording:
                                  "version (sdxl-parity record)")
         if not (folder / TENSORS).is_file():
             raise RecordingError(f"{folder} has no {TENSORS}")
-        if _sha256(folder / TENSORS) != manifest.get("tensors_sha256"):
+        if file_sha256(folder / TENSORS) != manifest.get("tensors_sha256"):
             try:
                 load_file(str(folder / TENSORS))
             except Exception as e:  # safetensors' own error types
@@ -229,6 +251,22 @@ class Recording:
                    path=folder, modules=modules)
 
 
+def resolve_checkpoint(spec: RunSpec, override: Optional[str] = None,
+                       recorded_version: Optional[int] = None) -> Path:
+    """An explicit checkpoint, or the seeded one the spec names (made and cached if needed)."""
+    if override:
+        return Path(override)
+    if spec.checkpoint:
+        return Path(spec.checkpoint)
+    from sdxl_ms.weights.synthetic import GENERATOR_VERSION, cached_checkpoint
+
+    if recorded_version is not None and recorded_version != GENERATOR_VERSION:
+        raise RecordingError(f"the recording was made on seeded weights of generator version "
+                             f"{recorded_version}; this version makes {GENERATOR_VERSION}: "
+                             "re-record it (sdxl-parity record)")
+    return cached_checkpoint(spec.preset, spec.checkpoint_seed)
+
+
 def module_file(stage: str) -> str:
     """The file of a stage's per-module capture inside a recording folder."""
     return f"modules-{stage}.npz"
@@ -244,9 +282,30 @@ def check_recording_target(folder) -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of one file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: Path, stamp: Tuple) -> str:
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def checkpoint_sha256(path) -> str:
+    """A content hash of a checkpoint: its file's sha256, or for a folder (diffusers) one
+    sha256 over every file's relative path and sha256, so a golden can tell whether the
+    weights on this machine are those it was recorded with."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return _cached_sha256(path, stamp)  # hashed once per content: a full-size one takes ~10 s

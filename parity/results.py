@@ -144,9 +144,7 @@ class StageResult:
         """A stage in which the port raised `exc`."""
         import traceback
 
-        text = " ".join(str(exc).split())
-        return cls(name=name, verdict=Verdict.ERROR,
-                   error=f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
+        return cls(name=name, verdict=Verdict.ERROR, error=exception_line(exc),
                    traceback="".join(traceback.format_exception(type(exc), exc,
                                                                 exc.__traceback__)))
 
@@ -213,6 +211,14 @@ class StageResult:
             error=d.get("error"), traceback=d.get("traceback"))
 
 
+def exception_line(exc: BaseException) -> str:
+    """`ValueError: For 'MatMul', ...`: the exception's type and the first line of its message.
+    MindSpore appends its whole C++ call stack to the message; headlines carry this line, the
+    whole text goes to report.json."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _nan_high(v: float) -> float:
     """Sort key that ranks NaN as the worst (largest) value."""
     return math.inf if math.isnan(v) else v
@@ -222,13 +228,16 @@ def _where(t: TensorResult) -> str:
     return t.name if t.step is None else f"{t.name}, step {t.step}"
 
 
-def module_headline(m: Mapping[str, Any]) -> str:
+def module_headline(m: Mapping[str, Any], verdict: str = "FAIL") -> str:
     """`FAIL at stage 'unet', step 0, module 'output_blocks...' (up_blocks...): own rel_l2 3.1e-04
-    > fail 1e-05` for a `first_divergent_module` object."""
+    > fail 1e-05` for a `first_divergent_module` object; for a module that raised on the
+    reference's inputs, `... module '...attn2' (...) raised ValueError: <first line>`."""
     where = "" if m.get("step") is None else f", step {m['step']}"
     ref = m["reference_module"].partition("/")[2]
-    return (f"FAIL at stage '{m['stage']}'{where}, module '{m['module']}' ({ref}): "
-            f"{m['metric']} {m['value']:.3g} > fail {m['bound']:.3g}")
+    head = f"{verdict} at stage '{m['stage']}'{where}, module '{m['module']}' ({ref})"
+    if m.get("error"):
+        return f"{head} raised {m['error']} (traceback in report.json)"
+    return f"{head}: {m['metric']} {m['value']:.3g} > fail {m['bound']:.3g}"
 
 
 def _utc_now() -> str:
@@ -262,10 +271,16 @@ class ParityReport:
         return next((loc["first_divergent_module"] for loc in self.localisation
                      if loc.get("first_divergent_module")), None)
 
-    def _module_headline(self, stage: str) -> Optional[str]:
+    def _module_headline(self, stage: str, verdict: str = "FAIL") -> Optional[str]:
         m = next((loc["first_divergent_module"] for loc in self.localisation
                   if loc["stage"] == stage and loc.get("first_divergent_module")), None)
-        return None if m is None else module_headline(m)
+        return None if m is None else module_headline(m, verdict)
+
+    def _locate_note(self, stage: str) -> str:
+        """`; --locate: <why no module was named>` where localisation of `stage` named none."""
+        note = next((loc.get("note") for loc in self.localisation
+                     if loc["stage"] == stage and loc.get("note")), None)
+        return f"; --locate: {note}" if note else ""
 
     @classmethod
     def build(cls, stages: Union[Iterable[StageResult], Mapping[str, StageResult]],
@@ -305,8 +320,11 @@ class ParityReport:
         tail = f"; not run: {', '.join(not_run)}" if not_run else ""
         if self.verdict == Verdict.ERROR:
             stage = next(s for s in ran if s.verdict == Verdict.ERROR)
+            located = self._module_headline(stage.name, "ERROR")
+            if located:
+                return located
             return (f"ERROR at stage '{stage.name}': the port raised {stage.error} "
-                    "(traceback in report.json)")
+                    f"(traceback in report.json){self._locate_note(stage.name)}")
         if self.verdict == Verdict.FAIL:
             stage = next(s for s in ran if s.verdict == Verdict.FAIL)
             located = self._module_headline(stage.name)
@@ -315,10 +333,11 @@ class ParityReport:
             t = stage.find(*stage.first_failure) if stage.first_failure else None
             if t is None:
                 why = stage.notes[0] if stage.notes else "stage failed"
-                return f"FAIL at stage '{stage.name}': {why}"
+                return f"FAIL at stage '{stage.name}': {why}{self._locate_note(stage.name)}"
             where = "" if t.step is None else f", step {t.step}"
             why = t.reasons[0] if t.reasons else "verdict fail"
-            return f"FAIL at stage '{stage.name}'{where}, tensor '{t.name}': {why}"
+            return (f"FAIL at stage '{stage.name}'{where}, tensor '{t.name}': {why}"
+                    f"{self._locate_note(stage.name)}")
         if self.verdict == Verdict.WARN:
             stage = next(s for s in ran if s.verdict == Verdict.WARN)
             t = stage.first_tensor(Verdict.WARN)

@@ -5,8 +5,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -15,28 +16,13 @@ from sdxl_ms.progress import bar as progress_bar
 
 from . import eta
 from .policy import Policy, load_policy
-from .recording import Recording, RecordingError, RunSpec
+from .recording import Recording, RunSpec, checkpoint_sha256, resolve_checkpoint
 from .guard import PortError, PortGuard
 from .isolated import peak_rss_bytes
+from .contract import has_modules
 from .ports import BUILTIN, PortSpec, describe, load_port
 from .results import ParityReport, StageResult, Verdict
 from .stages import STAGE_FUNCTIONS, STAGES, StageContext
-
-
-def resolve_checkpoint(spec: RunSpec, override: Optional[str] = None,
-                       recorded_version: Optional[int] = None) -> Path:
-    """An explicit checkpoint, or the seeded one the spec names (made and cached if needed)."""
-    if override:
-        return Path(override)
-    if spec.checkpoint:
-        return Path(spec.checkpoint)
-    from sdxl_ms.weights.synthetic import GENERATOR_VERSION, cached_checkpoint
-
-    if recorded_version is not None and recorded_version != GENERATOR_VERSION:
-        raise RecordingError(f"the recording was made on seeded weights of generator version "
-                             f"{recorded_version}; this version makes {GENERATOR_VERSION}: "
-                             "re-record it (sdxl-parity record)")
-    return cached_checkpoint(spec.preset, spec.checkpoint_seed)
 
 
 def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, port=None,
@@ -47,9 +33,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
           reference_process: Optional[Dict] = None) -> ParityReport:
     """Check a port against a recording. `locate`: name the first divergent module of the
     first failing stage (`parity.locate`). `port` is a built port object; else it is built from
-    `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded."""
-    from .reports import write_reports
-
+    `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded.
+    Whatever MindSpore dumps when a graph fails to compile lands in `out_dir`."""
     policy = policy or load_policy()
     spec = rec.spec
     unknown = [s for s in stages if s not in STAGE_FUNCTIONS]
@@ -59,11 +44,23 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     devices = {"port": port_device(), "reference": reference_device(rec)}
     policy = policy.for_devices(devices["port"], devices["reference"])
     policy.check_covers([s for s in stages], spec.dtype)
-    if port is None:
-        port_spec = port_spec or PortSpec.parse(BUILTIN)
-        log(f"loading the port ({port_spec}) from {ckpt}")
-        port = load_port(port_spec, ckpt, spec.dtype)
     out_dir = Path(out_dir)
+    with compile_dumps_in(out_dir):
+        if port is None:
+            port_spec = port_spec or PortSpec.parse(BUILTIN)
+            log(f"loading the port ({port_spec}) from {ckpt}")
+            port = load_port(port_spec, ckpt, spec.dtype)
+        if locate and has_modules(port):
+            check_locate_inputs(rec)
+        return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,
+                           fail_fast, junit_xml, log, command, locate, reference_process)
+
+
+def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fail_fast,
+                junit_xml, log, command, locate, reference_process) -> ParityReport:
+    from .reports import write_reports
+
+    spec = rec.spec
     ctx = StageContext(port=PortGuard(port), rec=rec, policy=policy, out_dir=out_dir,
                        dtype=spec.dtype)
     chosen = [name for name in STAGES if name in stages]
@@ -92,6 +89,9 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         "processes": {"port": {"peak_rss_bytes": peak_rss_bytes()},
                       **({"reference": reference_process} if reference_process else {})},
     }
+    dumps = out_dir / COMPILE_DUMPS
+    if dumps.exists():
+        meta["compile_dumps"] = str(dumps)
     report = ParityReport.build(results, meta)
     report.localisation = localisation
     write_reports(report, out_dir, junit_xml=junit_xml)
@@ -139,9 +139,9 @@ def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
     if result.verdict in (Verdict.SKIP, Verdict.ERROR) or not has_module_truths(rec, result.name):
         return result
     port = ctx.port.unwrapped
-    if not hasattr(port, "model"):
-        result.notes.append("per-module truths recorded but not judged: the port has no "
-                            "readable model (`.model`) whose modules can be run")
+    if not has_modules(port):
+        result.notes.append("per-module truths recorded but not judged: the port offers no "
+                            "modules() (parity/contract.py) whose modules can be run")
         return result
     if not (policy.module_truths or {}).get(dtype):
         result.notes.append(f"per-module truths recorded but not judged: policy "
@@ -159,28 +159,93 @@ def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
                                notes=result.notes + notes)
 
 
+def check_locate_inputs(rec: Recording) -> None:
+    """Before any work: where localisation would capture the reference live, torch must be
+    importable and the golden's own weights on this machine (`Recording.weights`)."""
+    from .locate import LOCATABLE_STAGES
+
+    live = [s for s in LOCATABLE_STAGES if s not in rec.modules]
+    if live:
+        from .reference import require_reference
+
+        require_reference(f"--locate in {', '.join(live)} (the recording has no module "
+                          "captures for it; record it with --modules to locate without torch)")
+        rec.weights()
+
+
+COMPILE_DUMPS = "mindspore-dumps"
+
+
+@contextlib.contextmanager
+def compile_dumps_in(folder: Path):
+    """MindSpore writes `rank_0/om/analyze_fail.ir` into the current folder when a graph fails
+    to compile (a port's `ms.jit` code); `MS_OM_PATH` sends it under `folder` instead, so a run
+    writes nothing outside its report folder."""
+    before = os.environ.get("MS_OM_PATH")
+    os.environ["MS_OM_PATH"] = str(Path(folder).resolve() / COMPILE_DUMPS)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MS_OM_PATH", None)
+        else:
+            os.environ["MS_OM_PATH"] = before
+
+
+NO_MODULES_NOTE = ("--locate: this port offers no modules() (parity/contract.py), so no module "
+                   "can be named; the stage verdicts stand")
+
+
 def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckpt: Path,
                    log: Callable[[str], None]) -> List[Dict]:
     """The module table of a failing stage, at the sampler and step of its first failure (a
-    note in the stage where it cannot be localised)."""
+    note in the stage where it cannot be localised). The reference runs on the golden's own
+    weights; `ckpt` is the port's checkpoint, named in the finding where it differs."""
     from .locate import LOCATABLE_STAGES, locate
 
     if stage.name not in LOCATABLE_STAGES:
         stage.notes.append(f"--locate: stage '{stage.name}' has no modules to compare "
                            f"(localisable: {', '.join(LOCATABLE_STAGES)})")
         return []
-    if not hasattr(port, "model"):
-        stage.notes.append("--locate needs the built-in port's module tree; this port has none")
+    if not has_modules(port):
+        stage.notes.append(NO_MODULES_NOTE)
+        log(NO_MODULES_NOTE)
         return []
     sampler, step = None, None
     if stage.first_failure and stage.name == "unet":
         name, step = stage.first_failure
         sampler = name.split("/")[0]
     log(f"locating the first divergent module of stage {stage.name}")
-    with tempfile.TemporaryDirectory(prefix="sdxl-parity-locate-") as work:
-        loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step,
-                     checkpoint=ckpt, work_dir=Path(work), log=log)
+    loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step, log=log)
+    if loc.culprit is None:
+        loc.note = _nothing_named(rec, port, ckpt, loc, log)
     return [loc.to_dict()]
+
+
+def _nothing_named(rec: Recording, port, ckpt: Path, loc, log: Callable[[str], None]) -> str:
+    """Why a failing stage has no module over its bound, as far as the harness can tell: where
+    the port's checkpoint is not the golden's weights, the port's tensors that differ from
+    them (a tensor no module owns, such as bigG's text_projection)."""
+    from .weight_check import differing_weights
+
+    why = "no module over its bound: the difference enters between modules"
+    if loc.free_run_error:
+        why += f" (the port's free run raised {loc.free_run_error})"
+    recorded = rec.meta.get("checkpoint_sha256")
+    weights = rec.weights()
+    differs = (checkpoint_sha256(ckpt) != recorded if recorded
+               else Path(ckpt).resolve() != Path(weights).resolve())
+    if not differs:
+        return why
+    log(f"comparing the port's weights with the golden's ({weights})")
+    found = differing_weights(port.modules(), weights)
+    if not found:
+        return (f"{why}; the port's checkpoint {ckpt} is another file than the golden's "
+                f"weights ({weights}), but every tensor the port holds equals them")
+    named = ", ".join(f"'{name}' (rel_l2 {value:.3g})" for name, value in found[:3])
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return (f"{why}; {len(found)} of the port's tensors differ from the golden's weights "
+            f"({weights}): {named}{more}")
 
 
 def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,

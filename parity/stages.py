@@ -153,8 +153,17 @@ def stage_unet(ctx: StageContext) -> StageResult:
     return ctx.result("unet", tensors)
 
 
-def _replay(ctx: StageContext, sampler: str):
-    """An `eps` that answers the k-th call with the reference's recorded UNet output."""
+@dataclass
+class PassedInputs:
+    """What a port's sampler passed to `eps` at each call: (x_in, t)."""
+
+    calls: List[tuple] = field(default_factory=list)
+
+
+def _replay(ctx: StageContext, sampler: str, passed: PassedInputs):
+    """An `eps` that answers the k-th call with the reference's recorded UNet output and keeps
+    what the port's sampler passed in (its x_in and t), to compare with the reference's
+    recorded UNet inputs of that call."""
     calls = iter(range(ctx.rec.unet_calls(sampler)))
 
     def eps(x_in, t):
@@ -162,19 +171,35 @@ def _replay(ctx: StageContext, sampler: str):
         if k is None:
             raise RuntimeError(f"{sampler}: the port's sampler asked for more UNet calls than "
                                "the reference made")
+        want = ctx.rec.get(call_key(sampler, k, "x_in"))
+        got = np.array(x_in, np.float32)
+        if got.shape != want.shape:
+            raise RuntimeError(f"{sampler}: the port's sampler passed x_in of shape "
+                               f"{got.shape} at UNet call {k}; the reference's UNet got "
+                               f"{want.shape} (the CFG batch, uncond first)")
+        passed.calls.append((got, np.asarray(t, np.float32).reshape(-1)[:1]))
         return ctx.rec.get(call_key(sampler, k, "eps"))
 
     return eps
 
 
 def stage_sampler(ctx: StageContext) -> StageResult:
-    """The port's sampler replaying the reference's recorded UNet outputs."""
+    """The port's sampler replaying the reference's recorded UNet outputs (teacher-forced):
+    what it passes to the UNet at each call (x_in: the input scaling c_in; t: the timestep
+    conditioning) against the reference's recorded UNet inputs, and its latents after each
+    step. A wrong c_in or timestep fails here, at its call, not later as accumulated error."""
     tensors = []
     for sampler in ctx.rec.spec.samplers:
-        got = run_port_sampler(ctx, "sampler", sampler, _replay(ctx, sampler))
+        passed = PassedInputs()
+        got = run_port_sampler(ctx, "sampler", sampler, _replay(ctx, sampler, passed))
         want = ctx.rec.get(sampler_key(sampler, "latents"))
         if len(got) != len(want):
             raise RuntimeError(f"{sampler}: the port ran {len(got)} steps, the reference {len(want)}")
+        for k, (x_in, t) in enumerate(passed.calls):
+            tensors += [ctx.judge("sampler", f"{sampler}/x_in",
+                                  ctx.rec.get(call_key(sampler, k, "x_in")), x_in, step=k),
+                        ctx.judge("sampler", f"{sampler}/timestep",
+                                  ctx.rec.get(call_key(sampler, k, "timestep")), t, step=k)]
         tensors += [ctx.judge("sampler", f"{sampler}/latents", w, g, step=i)
                     for i, (w, g) in enumerate(zip(want, got))]
     return ctx.result("sampler", tensors)

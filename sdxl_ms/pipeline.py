@@ -127,6 +127,14 @@ class SDXLPipeline:
             self._vae_float32 = upcast
         return upcast
 
+    def modules(self):
+        """The port's module access for the parity harness (`parity.contract.PortModules`):
+        the sgm module tree, its config, the module that computes at each path, and the free
+        run of a stage's networks."""
+        from .module_access import ModuleAccess
+
+        return ModuleAccess(self)
+
     def guide(self, eps: np.ndarray, scale: float) -> np.ndarray:
         """Classifier-free guidance of an uncond-first eps batch (the sampler's own CFG)."""
         from .sampling import VanillaCFG

@@ -53,10 +53,11 @@ class OwnLoopPort(NetworksPort):
             raise NotImplementedError(f"this adapter's loop has no {run.sampler!r}")
         sigmas = np.asarray(run.sigmas, np.float64)
         x = np.asarray(run.initial_noise, np.float32) * np.float32(run.init_noise_sigma)
-        for i, t in enumerate(run.timesteps):
+        for i in range(len(run.timesteps)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            x_in = (x / np.sqrt(sigma ** 2 + 1)).astype(np.float32)
-            guided = self.guide(eps(np.concatenate([x_in, x_in]), np.float32(t)), run.guidance)
+            x_in = self.model_input(x, sigma)
+            guided = self.guide(eps(np.concatenate([x_in, x_in]), self.timestep(run, i)),
+                                run.guidance)
             derivative = guided  # d = (x - x0) / sigma with x0 = x - sigma * eps
             if run.sampler == "euler":
                 x = self.step(x, derivative, sigma_next - sigma)
@@ -71,6 +72,34 @@ class OwnLoopPort(NetworksPort):
     @staticmethod
     def step(x, derivative, dt):
         return x + derivative * np.float32(dt)
+
+    def model_input(self, x, sigma):
+        """c_in: the UNet's input scaling for a variance-exploding x."""
+        return (x / np.sqrt(sigma ** 2 + 1)).astype(np.float32)
+
+    def timestep(self, run, i):
+        return np.float32(run.timesteps[i])
+
+
+class NoInputScalingPort(OwnLoopPort):
+    """Bug in the port's sampler: the UNet gets x itself, not x / sqrt(sigma^2 + 1) (c_in)."""
+
+    def model_input(self, x, sigma):
+        return np.asarray(x, np.float32)
+
+
+class SigmaAsTimestepPort(OwnLoopPort):
+    """Bug in the port's sampler: the UNet is conditioned on sigma instead of the timestep."""
+
+    def timestep(self, run, i):
+        return np.float32(run.sigmas[i])
+
+
+class TimestepOffByOnePort(OwnLoopPort):
+    """Bug in the port's sampler: the timestep of the next grid point (off by one index)."""
+
+    def timestep(self, run, i):
+        return np.float32(run.timesteps[min(i + 1, len(run.timesteps) - 1)])
 
 
 class SD1ScaleDecodePort(OwnLoopPort):
@@ -88,20 +117,34 @@ class HalfStepSamplerPort(OwnLoopPort):
         return x + derivative * np.float32(dt / 2)
 
 
-def faithful(checkpoint, dtype):
-    return OwnLoopPort(checkpoint, dtype)
+def raising_cross_attention(checkpoint, dtype):
+    """The built-in port (its modules() included) with one transformer block's cross-attention
+    given no context: its keys come from x, whose width is not the context's, so the MatMul
+    raises (a ValueError from MindSpore) in the stage and in localisation alike."""
+    import types
+
+    from sdxl_ms.nn.layers import attention_t
+
+    pipe = load_pipeline(checkpoint, dtype=dtype)
+    attn = pipe.model.unet.input_blocks[4][1].transformer_blocks[0].attn2
+
+    def forward(self, p, x, context, batch):
+        heads_t = attention_t(x, x, batch, self.heads, p["to_q"]["weight"],
+                              p["to_k"]["weight"], p["to_v"]["weight"])
+        return self.to_out[0].from_transposed(p, heads_t)
+
+    attn.forward = types.MethodType(forward, attn)
+    return pipe
 
 
-def sd1_scale_decode(checkpoint, dtype):
-    return SD1ScaleDecodePort(checkpoint, dtype)
-
-
-def half_step_sampler(checkpoint, dtype):
-    return HalfStepSamplerPort(checkpoint, dtype)
-
-
-def networks_only(checkpoint, dtype):
-    return NetworksPort(checkpoint, dtype)
+# factories (checkpoint, dtype) -> port: a class is one
+faithful = OwnLoopPort
+sd1_scale_decode = SD1ScaleDecodePort
+half_step_sampler = HalfStepSamplerPort
+networks_only = NetworksPort
+no_input_scaling = NoInputScalingPort
+sigma_as_timestep = SigmaAsTimestepPort
+timestep_off_by_one = TimestepOffByOnePort
 
 
 class MissingDecode:
@@ -121,5 +164,4 @@ class MissingDecode:
         return sample
 
 
-def missing_decode(checkpoint, dtype):
-    return MissingDecode(checkpoint, dtype)
+missing_decode = MissingDecode

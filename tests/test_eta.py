@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from parity import eta
-from parity.recording import Recording
-from parity.runner import check, resolve_checkpoint
+from parity.recording import Recording, resolve_checkpoint
+from parity.runner import check
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "tiny-default"
 

@@ -30,7 +30,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def port(golden):
-    from parity.runner import resolve_checkpoint
+    from parity.recording import resolve_checkpoint
     from sdxl_ms import load_pipeline
 
     ckpt = resolve_checkpoint(golden.spec, None, golden.meta.get("checkpoint_generator_version"))

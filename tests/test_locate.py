@@ -24,7 +24,7 @@ GOLDEN = REPO_ROOT / "fixtures" / "golden" / "tiny-locate"
 def setup():
     from parity.policy import load_policy
     from parity.recording import Recording
-    from parity.runner import resolve_checkpoint
+    from parity.recording import resolve_checkpoint
     from sdxl_ms import load_pipeline
 
     rec = Recording.load(GOLDEN)

@@ -54,7 +54,7 @@ def test_truth_ratio_replaces_the_port_vs_reference_bounds():
 @pytest.fixture(scope="module")
 def fp16(tmp_path_factory):
     from parity.recording import Recording
-    from parity.runner import resolve_checkpoint
+    from parity.recording import resolve_checkpoint
     from sdxl_ms import load_pipeline
 
     rec = Recording.load(GOLDEN16)
@@ -109,7 +109,7 @@ def fp16_modules(tmp_path_factory):
     and the float16 port."""
     from parity.isolated import record_to_folder
     from parity.recording import Recording, RunSpec
-    from parity.runner import resolve_checkpoint
+    from parity.recording import resolve_checkpoint
     from sdxl_ms import load_pipeline
 
     spec = RunSpec(dtype="float16", samplers=("euler",), steps=2)

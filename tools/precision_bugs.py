@@ -49,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from parity.isolated import record_to_folder
-    from parity.recording import Recording, RunSpec
-    from parity.runner import check, resolve_checkpoint
+    from parity.recording import Recording, RunSpec, resolve_checkpoint
+    from parity.runner import check
     from sdxl_ms import load_pipeline
 
     bugs = _bugs_module()

@@ -20,7 +20,11 @@ def _title(loc: Dict[str, Any]) -> str:
 def culprit_text(loc: Dict[str, Any]) -> str:
     m = loc.get("first_divergent_module")
     if not m:
-        return f"no module over its bound ({len(loc.get('modules', []))} modules compared)"
+        return (loc.get("note") or "no module over its bound") + \
+            f" ({len(loc.get('modules', []))} modules compared)"
+    if m.get("error"):
+        return (f"first divergent module: `{m['module']}` (`{m['reference_module']}`) raised "
+                f"{m['error']}")
     return (f"first divergent module: `{m['module']}` (`{m['reference_module']}`), "
             f"{m['metric']} {m['value']:.3g} > bound {m['bound']:.3g}")
 

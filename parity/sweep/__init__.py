@@ -56,7 +56,7 @@ def run_sweep(sweep: Sweep, options: SweepOptions,
               log: Callable[[str], None] = lambda s: None) -> SweepResult:
     """Run every case of `sweep` not finished in `options.out` already, then write the
     combined report over all of them."""
-    from ..runner import resolve_checkpoint
+    from ..recording import resolve_checkpoint
 
     start = time.perf_counter()
     out = Path(options.out)

@@ -130,7 +130,7 @@ def _output_to(path: Path, header: str) -> Iterator[None]:
 def _record(task: CaseTask, log) -> Dict[str, Any]:
     from ..isolated import peak_rss_bytes, record_to_folder
     from ..recording import RunSpec
-    from ..runner import resolve_checkpoint
+    from ..recording import resolve_checkpoint
 
     spec = RunSpec.from_dict(task.spec)
     folder = task.recording

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from ..config import PRESETS, SDXLConfig
 from .checkpoint import DIFFUSERS, SGM_NAMED, open_checkpoint
@@ -127,6 +129,20 @@ def check_layout(ckpt, cfg: SDXLConfig) -> None:
                               f"'{cfg.name}' layout: {d.describe()}")
 
 
+def sgm_tensors(ckpt, cfg: SDXLConfig, names: Iterable[str]) -> Iterator[Tuple[str, np.ndarray]]:
+    """(sgm name, tensor) for every name in `names` (the port's parameters, in order), read one
+    at a time from a checkpoint of any format: sgm-named formats by name, a diffusers folder
+    through the key maps (a fused tensor is read from its parts)."""
+    names = list(names)
+    if ckpt.format in SGM_NAMED:
+        yield from ((name, ckpt.get(name)) for name in names)
+        return
+    rules = pipeline_rules(cfg)
+    yield from convert_to_sgm(rules, ckpt.get)
+    covered = {n for r in rules for n in r.sgm}
+    yield from ((n, _sgm_only(n)) for n in names if n not in covered)
+
+
 def load_weights(model, ckpt) -> None:
     """Stream `ckpt` into `model` (an `SDXL` cell), converting diffusers names and layouts."""
     from .state import named_parameters, set_weights
@@ -141,14 +157,7 @@ def load_weights(model, ckpt) -> None:
                 yield item
                 progress.update(1)
 
-        if ckpt.format in SGM_NAMED:
-            set_weights(model, counted((name, ckpt.get(name)) for name in params))
-            return
-        rules = pipeline_rules(model.cfg)
-        set_weights(model, counted(convert_to_sgm(rules, ckpt.get)))
-        covered = {n for r in rules for n in r.sgm}
-        leftover = [n for n in params if n not in covered]
-        set_weights(model, counted((n, _sgm_only(n)) for n in leftover))
+        set_weights(model, counted(sgm_tensors(ckpt, model.cfg, params)))
 
 
 def _sgm_only(name: str):
