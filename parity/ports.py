@@ -67,12 +67,19 @@ def _import(name: str):
 def import_file(path: Path):
     """A port's `.py` file imported as a real module, as `python path/to/file.py` would see it:
     registered in `sys.modules` under its own name (the file's stem, or a name derived from its
-    path where another module already holds the stem) and its folder importable. MindSpore's
+    path where another module already holds the stem) and its folder importable; a file inside
+    a package is imported as `pkg.module` with the package's parent folder importable. MindSpore's
     graph compiler resolves a jitted function's globals through `sys.modules[fn.__module__]`,
     so a file executed without registration fails to compile any `ms.jit` code it holds."""
     if not path.is_file():
         raise InputError(f"--port: no such file {path}")
     path = path.resolve()
+    package = _package_of(path)
+    if package is not None:  # its relative imports (`from .unet import ...`) then work
+        root, dotted = package
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        return importlib.import_module(dotted)
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # kept: the port may import its siblings lazily
@@ -94,6 +101,16 @@ def import_file(path: Path):
         del sys.modules[name]
         raise
     return module
+
+
+def _package_of(path: Path):
+    """(the folder above the package, "pkg.sub.module") for a file inside a package (folders
+    holding `__init__.py`), else None."""
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return (str(folder), ".".join(parts)) if len(parts) > 1 else None
 
 
 def load_port(spec: PortSpec, checkpoint: Path, dtype: str) -> Any:

@@ -67,6 +67,30 @@ def test_a_graph_that_fails_to_compile_leaves_its_dumps_in_the_report_folder(
     assert dumps and report["meta"]["compile_dumps"].endswith("mindspore-dumps")
 
 
+def test_an_adapter_inside_a_package_keeps_its_relative_imports(tmp_path, capsys, monkeypatch):
+    package = tmp_path / "team_port"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "graphs.py").write_text(
+        "import mindspore as ms\n\nSCALE = 1.0\n\n\n@ms.jit\n"
+        "def scaled(x):\n    return x * SCALE\n")
+    (package / "adapter.py").write_text(
+        "import numpy as np\nfrom mindspore import Tensor\n\n"
+        "from adapters import NetworksPort\n\nfrom .graphs import scaled\n\n\n"
+        "class Port(NetworksPort):\n"
+        "    def decode(self, latents):\n"
+        "        return scaled(Tensor(self.pipe.decode(latents))).asnumpy()\n\n\n"
+        "make = Port\n")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, stdout, _, report = _check(work / "out", capsys, "--quiet", "--stages", "decode",
+                                     "--port", f"{package / 'adapter.py'}:make")
+    assert code == 0, stdout
+    assert report["meta"]["port"]["class"] == "team_port.adapter.Port"
+    assert sorted(os.listdir(work)) == ["out"]
+
+
 # ---- the README's adapter, unchanged ------------------------------------------------------------
 
 def _readme_adapter() -> str:
