@@ -107,6 +107,15 @@ def _port_backend(args, dtype: str) -> None:
                              "Ascend (sdxl-parity check --golden DIR)")
 
 
+def _waivers(args):
+    """`--waivers FILE` read and validated before any work (a bad file is exit 2)."""
+    if not getattr(args, "waivers", None):
+        return None
+    from .waivers import load_waivers
+
+    return load_waivers(args.waivers)
+
+
 def _wants_truth(args, dtype: str) -> bool:
     """The float64 truth: asked for, or by default in reduced precision (where the verdict
     compares the port with the reference's own error)."""
@@ -124,6 +133,7 @@ def cmd_run(args) -> int:
     _port_backend(args, spec.dtype)
     port_spec = _port_spec(args)
     policy = load_policy(args.policy)
+    waivers = _waivers(args)
     stages = _stages(args)
     policy.check_covers(stages, spec.dtype)
     out = _outputs(args)
@@ -133,7 +143,8 @@ def cmd_run(args) -> int:
                  fail_fast=args.fail_fast,
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                  command=_command(args), locate=args.locate,
-                 truth=_wants_truth(args, spec.dtype), modules=args.modules, quiet=args.quiet)
+                 truth=_wants_truth(args, spec.dtype), modules=args.modules, quiet=args.quiet,
+                 waivers=waivers)
     return _finish(report, out)
 
 
@@ -187,6 +198,7 @@ def cmd_check(args) -> int:
     _port_backend(args, rec.spec.dtype)
     port_spec = _port_spec(args)
     policy = load_policy(args.policy)
+    waivers = _waivers(args)
     stages = _stages(args)
     policy.check_covers(stages, rec.spec.dtype)
     out = _outputs(args)
@@ -195,7 +207,7 @@ def cmd_check(args) -> int:
     report = check(rec, out, policy=policy, port_spec=port_spec, checkpoint=args.checkpoint,
                    stages=stages, fail_fast=args.fail_fast,
                    junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
-                   command=_command(args), locate=args.locate)
+                   command=_command(args), locate=args.locate, waivers=waivers)
     return _finish(report, out)
 
 
@@ -305,10 +317,13 @@ def cmd_sweep(args) -> int:
         raise InputError("--address names a Ray cluster: use it with --executor ray")
     require_reference("sdxl-parity sweep (it records the reference)")
     sweep = load_sweep(args.sweep)
+    waivers = _waivers(args)
     out = check_output_dir(args.out, "sweep folder")
     result = run_sweep(sweep, SweepOptions(out=out, executor=args.executor, address=args.address,
                                            workers=args.workers, max_retries=args.max_retries,
-                                           command=_command(args)), log=_log(args))
+                                           command=_command(args),
+                                           waivers=waivers and str(waivers.path.resolve())),
+                       log=_log(args))
     print(result.headline)
     print(f"report: {out / 'index.html'}  ({out / 'sweep.json'}, {out / 'sweep.md'}, "
           f"{out / 'junit.xml'})")
@@ -342,11 +357,16 @@ def cmd_report(args) -> int:
 
 
 def _stages(args):
+    return stage_selection(args.stages)
+
+
+def stage_selection(text: Optional[str]):
+    """A comma-separated subset of the stages (`--stages`), all of them for None."""
     from .stages import STAGES
 
-    if not args.stages:
+    if not text:
         return STAGES
-    chosen = tuple(s for s in args.stages.split(",") if s)
+    chosen = tuple(s for s in text.split(",") if s)
     bad = [s for s in chosen if s not in STAGES]
     if bad or not chosen:
         raise InputError(f"unknown stage(s) {', '.join(bad) or '(none given)'} in --stages; "
@@ -406,6 +426,11 @@ def _add_check_options(p) -> None:
                    help="the port's execution mode: PyNative, one graph per block structure, "
                         "or one graph per network (default: SDXL_MS_JIT, else off); recorded "
                         "in the report")
+    p.add_argument("--waivers", default=None, metavar="FILE",
+                   help="known deviations (TOML: stage/tensor/step/module globs, reason, owner, "
+                        "expiry, looser bound): a matching failure within its bound is verdict "
+                        "'waived' and the run passes; an expired, stale or exceeded waiver "
+                        "fails it (see parity/waivers.py)")
     p.add_argument("--locate", action="store_true",
                    help="name the first divergent module of the first failing stage "
                         "(conditioner, unet or decode), each port module run on the "
@@ -521,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --executor ray: the cluster to use (default: start a local one)")
     sw.add_argument("--workers", type=_count(1), default=None,
                     help="cases at once (default: min(cores, memory / a case's estimate))")
+    sw.add_argument("--waivers", default=None, metavar="FILE",
+                    help="known deviations applied to every case (see `sdxl-parity check`)")
     sw.add_argument("--max-retries", type=_count(0), default=2,
                     help="times a record or check is rerun after its worker died (default: 2)")
     sw.set_defaults(func=cmd_sweep)

@@ -28,21 +28,24 @@ Metrics = Union[TensorMetrics, ExactMetrics, ImageMetrics]
 class Verdict(str, Enum):
     """Outcome of a judgement. `SKIP` marks a stage that was not compared; it never makes a
     report worse, but a report where nothing ran is SKIP, not PASS. `ERROR` marks a stage in
-    which the port raised: nothing could be compared, and the port is broken."""
+    which the port raised: nothing could be compared, and the port is broken. `WAIVED` marks a
+    failure a waiver file accepts (`parity.waivers`): shown apart, not a failure of the run."""
 
     PASS = "pass"
     WARN = "warn"
+    WAIVED = "waived"
     FAIL = "fail"
     ERROR = "error"
     SKIP = "skip"
 
     @property
     def rank(self) -> int:
-        return {"skip": -1, "pass": 0, "warn": 1, "fail": 2, "error": 3}[self.value]
+        return {"skip": -1, "pass": 0, "warn": 1, "waived": 2, "fail": 3, "error": 4}[self.value]
 
     @staticmethod
     def worst(verdicts: Iterable["Verdict"]) -> "Verdict":
-        """Worst of `verdicts` (ERROR > FAIL > WARN > PASS > SKIP); SKIP for an empty input."""
+        """Worst of `verdicts` (ERROR > FAIL > WAIVED > WARN > PASS > SKIP); SKIP for an empty
+        input."""
         out = Verdict.SKIP
         for v in verdicts:
             v = Verdict(v)
@@ -264,6 +267,16 @@ class ParityReport:
     created: str = field(default_factory=_utc_now)
     # `sdxl-parity run|check --locate`: one `parity.locate.Localisation.to_dict()` per stage
     localisation: List[Dict[str, Any]] = field(default_factory=list)
+    # `--waivers FILE`: `parity.waivers.WaiverOutcome.to_dict()` (file, applied, problems)
+    waivers: Optional[Dict[str, Any]] = None
+
+    def set_waivers(self, outcome: Dict[str, Any]) -> None:
+        """Attach what the waivers did; an expired, stale or exceeded waiver fails the run."""
+        self.waivers = outcome
+        verdicts = [s.verdict for s in self.stages.values()]
+        if outcome.get("problems"):
+            verdicts.append(Verdict.FAIL)
+        self.verdict = Verdict.worst(verdicts)
 
     @property
     def first_divergent_module(self) -> Optional[Dict[str, Any]]:
@@ -302,8 +315,11 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        """True for PASS or WARN: what a CI gate should accept."""
-        return self.verdict in (Verdict.PASS, Verdict.WARN)
+        """True for PASS, WARN or WAIVED: what a CI gate should accept."""
+        return self.verdict in (Verdict.PASS, Verdict.WARN, Verdict.WAIVED)
+
+    def waiver_problems(self) -> List[str]:
+        return list((self.waivers or {}).get("problems", []))
 
     def ordered_stages(self) -> List[StageResult]:
         return [self.stages[n] for n in ordered_stage_names(self.stages)]
@@ -325,6 +341,13 @@ class ParityReport:
                 return located
             return (f"ERROR at stage '{stage.name}': the port raised {stage.error} "
                     f"(traceback in report.json){self._locate_note(stage.name)}")
+        problems = self.waiver_problems()
+        if self.verdict == Verdict.FAIL and problems:  # a waiver expired, went stale or was
+            # exceeded: that is what the team must act on, and it names the tensor
+            more = f" (and {len(problems) - 1} more waiver problems)" if len(problems) > 1 else ""
+            failed = [s.name for s in ran if s.verdict == Verdict.FAIL]
+            stages = f"; failing stages: {', '.join(failed)}" if failed else ""
+            return f"FAIL: {problems[0]}{more}{stages}"
         if self.verdict == Verdict.FAIL:
             stage = next(s for s in ran if s.verdict == Verdict.FAIL)
             located = self._module_headline(stage.name)
@@ -353,6 +376,15 @@ class ParityReport:
                     f"{first}{tail}")
         if self.verdict == Verdict.PASS:
             return f"PASS: {len(ran)}/{len(ran)} stages within policy '{policy}' ({dtype}){tail}"
+        if self.verdict == Verdict.WAIVED:
+            applied = (self.waivers or {}).get("applied", [])
+            first = applied[0] if applied else {}
+            where = (f"stage '{first.get('stage')}', tensor '{first.get('tensor')}'"
+                     + ("" if first.get("step") is None else f", step {first['step']}"))
+            return (f"WAIVED: {len(ran)}/{len(ran)} stages within policy '{policy}' ({dtype}) "
+                    f"once {len(applied)} failing tensor{'s' if len(applied) != 1 else ''} "
+                    f"{'are' if len(applied) != 1 else 'is'} waived; first: {where} by "
+                    f"'{first.get('waiver')}' ({first.get('reason')}){tail}")
         return f"SKIP: no stage was compared (policy '{policy}', {dtype})"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -367,6 +399,7 @@ class ParityReport:
             "stages": {n: s.to_dict() for n, s in self.stages.items()},
             "first_divergent_module": self.first_divergent_module,
             "localisation": self.localisation,
+            **({"waivers": self.waivers} if self.waivers is not None else {}),
         }
 
     @classmethod
@@ -379,4 +412,4 @@ class ParityReport:
         return cls(schema_version=version, verdict=Verdict(d["verdict"]),
                    stages={n: StageResult.from_dict(d["stages"][n]) for n in order},
                    meta=dict(d.get("meta", {})), created=d.get("created", ""),
-                   localisation=list(d.get("localisation", [])))
+                   localisation=list(d.get("localisation", [])), waivers=d.get("waivers"))

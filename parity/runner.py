@@ -30,10 +30,11 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
           stages: Sequence[str] = STAGES, fail_fast: bool = False,
           junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
           command: Optional[str] = None, locate: bool = False,
-          reference_process: Optional[Dict] = None) -> ParityReport:
+          reference_process: Optional[Dict] = None, waivers=None) -> ParityReport:
     """Check a port against a recording. `locate`: name the first divergent module of the
     first failing stage (`parity.locate`). `port` is a built port object; else it is built from
     `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded.
+    `waivers` (a `parity.waivers.WaiverFile`): known deviations, waived within their bounds.
     Whatever MindSpore dumps when a graph fails to compile lands in `out_dir`."""
     policy = policy or load_policy()
     spec = rec.spec
@@ -53,11 +54,12 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
         if locate and has_modules(port):
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,
-                           fail_fast, junit_xml, log, command, locate, reference_process)
+                           fail_fast, junit_xml, log, command, locate, reference_process,
+                           waivers)
 
 
 def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fail_fast,
-                junit_xml, log, command, locate, reference_process) -> ParityReport:
+                junit_xml, log, command, locate, reference_process, waivers) -> ParityReport:
     from .reports import write_reports
 
     spec = rec.spec
@@ -92,8 +94,16 @@ def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fa
     dumps = out_dir / COMPILE_DUMPS
     if dumps.exists():
         meta["compile_dumps"] = str(dumps)
+    outcome = None
+    if waivers is not None:
+        from .waivers import apply_waivers, located_modules
+
+        outcome = apply_waivers(results, waivers, policy, spec.dtype,
+                                modules=located_modules(localisation)).to_dict()
     report = ParityReport.build(results, meta)
     report.localisation = localisation
+    if outcome is not None:
+        report.set_waivers(outcome)
     write_reports(report, out_dir, junit_xml=junit_xml)
     return report
 
@@ -253,7 +263,7 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
         log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
         locate: bool = False, truth: bool = False, modules: bool = False,
-        quiet: bool = False) -> ParityReport:
+        quiet: bool = False, waivers=None) -> ParityReport:
     """Record the reference in a process of its own (`parity.isolated`), then check the port
     here: the two are never resident together."""
     from .isolated import record_isolated
@@ -272,7 +282,8 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
     try:
         return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
                      stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
-                     command=command, locate=locate, reference_process=stats)
+                     command=command, locate=locate, reference_process=stats,
+                     waivers=waivers)
     finally:
         eta.start(None)
 

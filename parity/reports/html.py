@@ -24,6 +24,7 @@ td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospac
 .pass { background: #e3f4e4; color: #1b5e20; }
 .warn { background: #fff3d6; color: #8a5300; }
 .fail { background: #fde2e1; color: #b71c1c; }
+.waived { background: #ece6f6; color: #4a2c82; }
 .skip { background: #eeeeee; color: #555; }
 .error { background: #f3d4f7; color: #6a1b9a; }
 pre.traceback { font-size: 12px; background: #fafafa; padding: 8px; overflow-x: auto; }
@@ -101,6 +102,26 @@ def _growth_chart(report: ParityReport) -> Optional[str]:
                           y_label="rel_l2", log_y=True, width=900, height=360)
 
 
+def _waiver_section(report: ParityReport) -> List[str]:
+    w = report.waivers
+    if w is None:
+        return []
+    out = [f"<h2>Waivers <small><code>{_esc(w['file'])}</code></small></h2>"]
+    if w["applied"]:
+        out.append('<table class="summary"><tr><th>stage</th><th>tensor</th><th>step</th>'
+                   "<th>waiver</th><th>owner</th><th>expires</th><th>reason</th></tr>")
+        for a in w["applied"]:
+            out.append(f'<tr class="waived"><td>{_esc(a["stage"])}</td><td>{_esc(a["tensor"])}'
+                       f'</td><td>{"" if a["step"] is None else a["step"]}</td>'
+                       f'<td>{_esc(a["waiver"])}</td><td>{_esc(a["owner"])}</td>'
+                       f'<td>{_esc(a["expires"])}</td><td>{_esc(a["reason"])}</td></tr>')
+        out.append("</table>")
+    else:
+        out.append("<p>nothing waived</p>")
+    out += [f'<p class="fail">problem: {_esc(p)}</p>' for p in w["problems"]]
+    return out
+
+
 def render_html(report: ParityReport, base_dir: Path) -> str:
     """HTML text of `report`; stage image paths are resolved against `base_dir`."""
     base_dir = Path(base_dir)
@@ -117,6 +138,8 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
                    f'<td class="{s.verdict.value}">{s.verdict.value.upper()}</td>'
                    f"<td>{_esc(s.worst_metric())}</td><td>{_esc(first_failure_text(s))}</td></tr>")
     out.append("</table>")
+
+    out += _waiver_section(report)
 
     growth = _growth_chart(report)
     if growth:

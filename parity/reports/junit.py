@@ -28,11 +28,13 @@ def _lines(stage, verdict: Verdict):
 
 def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
     stages = report.ordered_stages()
-    n_fail = sum(s.verdict == Verdict.FAIL for s in stages)
+    problems = report.waiver_problems()  # each a failing test case of its own
+    n_fail = sum(s.verdict == Verdict.FAIL for s in stages) + len(problems)
     n_error = sum(s.verdict == Verdict.ERROR for s in stages)
     n_skip = sum(s.verdict == Verdict.SKIP for s in stages)
     seconds = report.meta.get("stage_seconds") or {}
-    attrs = {"name": suite_name, "tests": str(len(stages)), "failures": str(n_fail),
+    attrs = {"name": suite_name, "tests": str(len(stages) + len(problems)),
+             "failures": str(n_fail),
              "errors": str(n_error), "skipped": str(n_skip),
              "time": f"{sum(float(v) for v in seconds.values()):.3f}"}
     root = ET.Element("testsuites", attrs)
@@ -41,6 +43,10 @@ def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
     ET.SubElement(props, "property", {"name": "headline", "value": report.headline()})
     for key in sorted(report.meta):
         ET.SubElement(props, "property", {"name": str(key), "value": meta_value(report.meta[key])})
+    for problem in problems:
+        case = ET.SubElement(suite, "testcase", {"classname": suite_name, "name": "waivers",
+                                                 "time": "0.000"})
+        ET.SubElement(case, "failure", {"message": problem, "type": "WaiverProblem"})
     for s in stages:
         case = ET.SubElement(suite, "testcase", {"classname": suite_name, "name": s.name,
                                                  "time": f"{float(seconds.get(s.name, 0)):.3f}"})
@@ -58,6 +64,9 @@ def render_junit(report: ParityReport, suite_name: str = "sdxl-parity") -> str:
             fail.text = "\n".join(_lines(s, Verdict.FAIL) + [f"note: {n}" for n in s.notes])
         elif s.verdict == Verdict.SKIP:
             ET.SubElement(case, "skipped", {"message": "; ".join(s.notes) or "not run"})
+        elif s.verdict == Verdict.WAIVED:  # JUnit has no xfail: pytest writes it as skipped
+            ET.SubElement(case, "skipped", {"type": "pytest.xfail", "message": "waived: " + (
+                "; ".join(_lines(s, Verdict.WAIVED)) or "known deviation")})
         out = [f"worst: {s.worst_metric()}"] + _lines(s, Verdict.WARN)
         ET.SubElement(case, "system-out").text = "\n".join(out)
     ET.indent(root)

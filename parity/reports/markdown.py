@@ -86,6 +86,23 @@ def summary_table(report: ParityReport) -> str:
     return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
 
 
+def waiver_lines(report: ParityReport) -> List[str]:
+    """The known deviations a waiver file accepted, and its problems, apart from the stages."""
+    w = report.waivers
+    if w is None:
+        return []
+    lines = ["", f"## Waivers (`{w['file']}`)", ""]
+    if w["applied"]:
+        lines += markdown_table(
+            ["stage", "tensor", "step", "waiver", "owner", "expires", "reason"],
+            [[a["stage"], a["tensor"], "" if a["step"] is None else a["step"], a["waiver"],
+              a["owner"], a["expires"], a["reason"]] for a in w["applied"]])
+    else:
+        lines.append("- nothing waived")
+    lines += [f"- **problem**: {p}" for p in w["problems"]]
+    return lines
+
+
 def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] = None) -> str:
     """Markdown text of `report`. `image_paths` maps a stored image path to the path to link
     (when the Markdown file is written somewhere else than the report directory)."""
@@ -98,6 +115,7 @@ def render_markdown(report: ParityReport, image_paths: Optional[Dict[str, str]] 
     lines += ["", "## Summary", ""]
     stages = report.ordered_stages()
     lines += markdown_table(SUMMARY_HEADER, summary_rows(report))
+    lines += waiver_lines(report)
     for s in stages:
         lines += ["", f"## Stage `{s.name}`: {s.verdict.value.upper()}", ""]
         if s.error:

@@ -36,6 +36,7 @@ class SweepOptions:
     workers: Optional[int] = None  # None: from cores and memory (`plan_workers`)
     max_retries: int = 2  # per step, after its worker died
     command: str = "sdxl-parity sweep"
+    waivers: Optional[str] = None  # a waiver file (absolute path), applied to every case
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_sweep(sweep: Sweep, options: SweepOptions,
         reset_starts(folder)
         todo.append(CaseTask(id=case.id, spec=case.spec(), folder=str(folder.resolve()),
                              policy=sweep.policy_path, port=sweep.port_path,
-                             command=options.command))
+                             command=options.command, waivers=options.waivers))
     plan = plan_workers(max(checkpoint_bytes(p) for p in checkpoints.values()),
                         any(t.spec["truth"] for t in todo), len(todo), options.workers)
     executor = make_executor(options.executor, plan, sweep.resources, options.address,

@@ -36,6 +36,7 @@ class CaseTask:
     policy: str  # what load_policy takes (a packaged name or an absolute path)
     port: str  # MODULE:FACTORY, a .py path made absolute
     command: str  # the sweep's command line, recorded in the case's report
+    waivers: Optional[str] = None  # a waiver file's absolute path (`--waivers`)
 
     @property
     def recording(self) -> Path:
@@ -179,10 +180,13 @@ def _check(task: CaseTask, log) -> Dict[str, Any]:
     from ..recording import Recording
     from ..runner import check
 
+    from ..waivers import load_waivers
+
     rec = Recording.load(task.recording)
     report = check(rec, Path(task.folder), policy=load_policy(task.policy),
                    port_spec=PortSpec.parse(task.port), stages=tuple(task.spec["stages"]),
-                   log=log, command=f"{task.command}  # case {task.id}")
+                   log=log, command=f"{task.command}  # case {task.id}",
+                   waivers=load_waivers(task.waivers) if task.waivers else None)
     log(report.headline())
     return {"verdict": report.verdict.value, "headline": report.headline(),
             "stages": {s.name: {"verdict": s.verdict.value, "worst": s.worst_metric()}

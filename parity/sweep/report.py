@@ -17,8 +17,8 @@ from ..stages import STAGES
 
 SCHEMA_VERSION = 1
 SWEEP_JSON, SWEEP_MD, SWEEP_HTML, SWEEP_JUNIT = "sweep.json", "sweep.md", "index.html", "junit.xml"
-OK_VERDICTS = ("pass", "warn")  # as `sdxl-parity run`: warnings pass
-VERDICTS = ("pass", "warn", "fail", "error", "skip")
+OK_VERDICTS = ("pass", "warn", "waived")  # as `sdxl-parity run`: warnings and waivers pass
+VERDICTS = ("pass", "warn", "waived", "fail", "error", "skip")
 FIELD_WIDTH = 48  # characters of a prompt shown in a table cell
 
 
