@@ -303,7 +303,28 @@ def cmd_locate(args) -> int:
                                                       "dtype": rec.spec.dtype})
     print(headline)
     print(f"report: {out / 'index.html'}  ({out / 'report.json'}, {out / 'report.md'})")
-    return EXIT_FAILED if any(loc["first_divergent_module"] for loc in found) else EXIT_OK
+    named = any(loc["first_divergent_module"] or loc.get("divergence") for loc in found)
+    return EXIT_FAILED if named else EXIT_OK
+
+
+def cmd_diff_weights(args) -> int:
+    from .diff_weights import diff_weights, terminal_table, write_reports
+
+    reference = check_existing(args.reference, "reference checkpoint")
+    port = check_existing(args.port, "port checkpoint")
+    out = check_output_dir(args.out, "report folder") if args.out else None
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+
+    for path in (reference, port):
+        open_checkpoint(path)  # a format it cannot read is bad input, before any work
+    diff = diff_weights(reference, port, log=_log(args))
+    print(diff.summary())
+    if not diff.ok:
+        print(terminal_table(diff))
+    if out is not None:
+        paths = write_reports(diff, out)
+        print(f"report: {paths['md']}  ({paths['json']})")
+    return EXIT_OK if diff.ok else EXIT_FAILED
 
 
 def cmd_sweep(args) -> int:
@@ -551,6 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-retries", type=_count(0), default=2,
                     help="times a record or check is rerun after its worker died (default: 2)")
     sw.set_defaults(func=cmd_sweep)
+
+    dw = sub.add_parser("diff-weights", parents=common,
+                        help="compare two checkpoints tensor by tensor (any formats, aligned "
+                             "through the key maps, streamed) and name the transformation "
+                             "behind each difference (transposed, flipped, q/k/v order, "
+                             "swapped, scaled, copied from another tensor, ...)")
+    dw.add_argument("reference", help="the checkpoint the reference runs on")
+    dw.add_argument("port", help="the port's checkpoint (e.g. your converter's output)")
+    dw.add_argument("--out", default=None, help="also write diff-weights.json and .md here")
+    dw.set_defaults(func=cmd_diff_weights)
 
     rp = sub.add_parser("report", parents=common,
                         help="re-render report.md and index.html from report.json")

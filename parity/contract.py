@@ -109,7 +109,10 @@ class PortModules(Protocol):
     returns the module at a full sgm path that computes in the port (e.g. the VAE's float32
     copy in a float16 run); `run_stage(stage, inputs)` runs the networks of "conditioner",
     "unet" or "decode" on the stage's recorded inputs (`input_ids`/`input_ids_2`; the UNet's
-    keyword arguments; `latents`), so each module's output in the free run can be observed.
+    keyword arguments; `latents`), so each module's inputs and output in the free run can be
+    observed, and returns the stage's outputs as float32 numpy (`prompt_embeds` and
+    `pooled_prompt_embeds` for every row of the ids; `eps`; `decoded`), against which a
+    difference that enters after the last module is explained.
     Today the modules must be `sdxl_ms.nn.Module`s (the built-in port's module system,
     `sdxl_ms.module_access.ModuleAccess`).
     """
@@ -119,7 +122,7 @@ class PortModules(Protocol):
 
     def module(self, path: str) -> object: ...
 
-    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> None: ...
+    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]: ...
 
 
 @runtime_checkable

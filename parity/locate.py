@@ -29,10 +29,11 @@ from sdxl_ms.progress import bar as progress_bar
 from .contract import ENCODE_OUTPUTS, cfg_batch, has_modules
 from .metrics import against_truth, format_value, rel_l2
 from .module_capture import CaptureIndex, CaptureReader, CaptureWriter
-from .module_pairs import (LOCATABLE_STAGES, PORT_CALLS, ModulePair, pair_modules,
-                           reference_inputs, reference_module_table, run_port_module,
-                           to_reference_layout)
+from .module_pairs import (LOCATABLE_STAGES, PORT_CALLS, TOKEN_ID_INPUTS, ModulePair,
+                           pair_modules, reference_inputs, reference_module_table,
+                           run_port_module, to_reference_layout)
 from .recording import Recording, call_key, conditioner_key, sampler_key, tokens_key
+from .difference import explain
 from .results import TensorResult, Verdict, exception_line
 
 
@@ -212,6 +213,9 @@ class Localisation:
     metric: str = "rel_l2"
     free_run_error: str = ""  # the port raised in its free run: no accumulated errors
     note: str = ""  # why nothing was named, where the harness knows more (set by the runner)
+    # no module's own error is over: where the difference enters between modules (a wiring
+    # bug), explained ({"where", "module"?, "reference_module"?, "rel_l2", "explanation", "text"})
+    divergence: Optional[Dict] = None
 
     @property
     def culprit(self) -> Optional[ModuleRow]:
@@ -223,6 +227,8 @@ class Localisation:
             return None
         where = {"stage": self.stage, "step": self.step, "sampler": self.sampler or None,
                  "module": r.module, "reference_module": r.reference, "kind": r.kind}
+        if self.divergence:  # the culprit holds the first divergent input: what flows inside
+            where["inside"] = self.divergence["text"]
         if r.raised:
             return {**where, "error": r.error}
         metric, value, bound = _judged(r, self.metric)
@@ -231,6 +237,8 @@ class Localisation:
     def describe(self) -> str:
         """`module 'output_blocks.3.1...' (up_blocks.0...): own rel_l2 3.1e-04 > fail 1e-05`."""
         r = self.culprit
+        if r is None and self.divergence:
+            return self.divergence["text"]
         if r is None:
             return (f"no module of stage '{self.stage}' is over its bound "
                     f"({len(self.rows)} modules compared)")
@@ -246,6 +254,7 @@ class Localisation:
                 "first_divergent_module": self.first_divergent_module(),
                 **({"free_run_error": self.free_run_error} if self.free_run_error else {}),
                 **({"note": self.note} if self.note else {}),
+                **({"divergence": self.divergence} if self.divergence else {}),
                 "modules": [r.to_dict() for r in self.rows]}
 
     @classmethod
@@ -253,7 +262,8 @@ class Localisation:
         return cls(stage=d["stage"], sampler=d.get("sampler") or "", step=d.get("step"),
                    rows=[ModuleRow.from_dict(r) for r in d.get("modules", [])],
                    seconds=d.get("seconds", 0.0), metric=d.get("metric", "rel_l2"),
-                   free_run_error=d.get("free_run_error", ""), note=d.get("note", ""))
+                   free_run_error=d.get("free_run_error", ""), note=d.get("note", ""),
+                   divergence=d.get("divergence"))
 
 
 def _judged(row: ModuleRow, metric: str) -> Tuple[str, float, float]:
@@ -286,27 +296,65 @@ def _eager():
 
 
 @contextlib.contextmanager
-def _observe(wanted: Dict[int, int], on_output: Callable[[int, object], None]) -> Iterator[None]:
-    """Hand the first output of each port module in `wanted` (id -> capture index) to
-    `on_output` as it is produced (nothing is kept: a full-size UNet has hundreds)."""
+def _observe(wanted: Dict[int, int], on_output: Callable[[int, object], None],
+             on_input: Callable[[int, tuple], None] = lambda i, inputs: None) -> Iterator[None]:
+    """Hand the inputs of the first call of each port module in `wanted` (id -> capture
+    index) to `on_input` as it starts, and its output to `on_output` as it returns (nothing is
+    kept: a full-size UNet has hundreds)."""
     from sdxl_ms.nn.module import Module
 
     original = Module.__call__
-    done = set()
+    started, done = set(), set()
 
     def observed(self, p, *inputs):
-        out = original(self, p, *inputs)
         i = wanted.get(id(self))
+        if i is not None and i not in started:
+            started.add(i)
+            on_input(i, inputs)
+        out = original(self, p, *inputs)
         if i is not None and i not in done:
             done.add(i)
             on_output(i, out)
         return out
 
+    from sdxl_ms.nn.layers import Linear
+
+    entries = {name: getattr(Linear, name) for name in _LINEAR_ENTRY_INPUTS}
+
+    def entry(name):
+        def observed_entry(self, p, x, *rest):
+            i = wanted.get(id(self))
+            if i is not None and i not in started:
+                started.add(i)
+                on_input(i, (_LINEAR_ENTRY_INPUTS[name](x),))
+            return entries[name](self, p, x, *rest)
+        return observed_entry
+
     Module.__call__ = observed
+    for name in entries:
+        setattr(Linear, name, entry(name))
     try:
         yield
     finally:
         Module.__call__ = original
+        for name, method in entries.items():
+            setattr(Linear, name, method)
+
+
+def _channels_first_tokens(x) -> np.ndarray:
+    a = np.asarray(x.float().asnumpy())
+    b, c = a.shape[:2]
+    return a.reshape(b, c, -1).transpose(0, 2, 1).reshape(-1, c)
+
+
+# the port Linear's layout entry points beside its call (`sdxl_ms.nn.layers.Linear`): each
+# one's input as row-major tokens (N, in), the layout the reference's Linear takes
+_LINEAR_ENTRY_INPUTS = {
+    "transposed_out": lambda x: x,
+    "to_channels_first": lambda x: x,
+    "from_transposed": lambda y_t: np.asarray(y_t.float().asnumpy()).T,
+    "from_channels_first": _channels_first_tokens,
+}
 
 
 def _port_modules(access, index: CaptureIndex) -> List:
@@ -347,16 +395,19 @@ def locate_in_port(port, reader: CaptureReader, rec: Recording, bound_of: Callab
     rows: List[ModuleRow] = []
     free_run_error = ""
     accumulated: Dict[int, float] = {}
+    watch = InputWatch(reader, rec.spec.dtype)
+    outputs = None
 
     def compare_output(i: int, out) -> None:
         want = reader.tensor(i, "out")
         accumulated[i] = rel_l2(want, to_reference_layout(index.pairs[i], out, want.shape))
+        watch.returned(accumulated[i])
 
     with _eager():
         log(f"port: free run of stage {target.stage} (accumulated error)")
-        with _observe({id(m): i for i, m in enumerate(modules)}, compare_output):
+        with _observe({id(m): i for i, m in enumerate(modules)}, compare_output, watch.started):
             try:
-                access.run_stage(target.stage, _stage_inputs(rec, target))
+                outputs = access.run_stage(target.stage, _stage_inputs(rec, target))
             except Exception as e:  # noqa: BLE001 - the port's failure: its modules say where
                 free_run_error = exception_line(e)
                 log(f"port: the free run of stage {target.stage} raised {free_run_error}")
@@ -375,9 +426,193 @@ def locate_in_port(port, reader: CaptureReader, rec: Recording, bound_of: Callab
                                   error_text="" if error is None else f"{type(error).__name__}: "
                                                                       f"{error}"))
     step = target.step if target.stage == "unet" else None
-    return Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
-                        seconds=round(time.perf_counter() - start, 3),
-                        free_run_error=free_run_error)
+    loc = Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
+                       free_run_error=free_run_error)
+    loc.divergence = watch.explained(access, rec.spec.dtype)
+    culprit = loc.culprit
+    if culprit is not None and not (loc.divergence and loc.divergence["module"].startswith(
+            culprit.module + ".")):
+        loc.divergence = None  # named by its own error; a divergence elsewhere is downstream
+    if culprit is None and loc.divergence is None:
+        loc.divergence = _divergent_output(reader, rec, target, access, outputs)
+    loc.seconds = round(time.perf_counter() - start, 3)
+    return loc
+
+
+# a module input this far from the reference's (rel L2), and 100x further than anything that
+# returned before it, did not drift there: something between modules changed it
+INPUT_OFF = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
+INPUT_OFF_OVER_UPSTREAM = 100.0
+# a transformation explains an activation when it reproduces it to this (compute noise ~1e-6)
+ACTIVATION_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+class InputWatch:
+    """During the free run: the first module whose input is off while everything that returned
+    before it was close to the reference (a wiring bug enters there)."""
+
+    def __init__(self, reader: CaptureReader, dtype: str):
+        self.reader = reader
+        self.off = INPUT_OFF.get(dtype, INPUT_OFF["float32"])
+        self.upstream = 0.0  # the largest accumulated error returned so far
+        self.first: Optional[Tuple[int, np.ndarray, float]] = None
+
+    def returned(self, accumulated: float) -> None:
+        if not math.isnan(accumulated):
+            self.upstream = max(self.upstream, accumulated)
+
+    def started(self, i: int, inputs: tuple) -> None:
+        if self.first is not None or not inputs or not hasattr(inputs[0], "shape"):
+            return
+        try:
+            want = self.reader.tensor(i, "x")
+        except KeyError:
+            return
+        pair = self.reader.index.pairs[i]
+        if pair.kind in TOKEN_ID_INPUTS:
+            return
+        try:
+            got = to_reference_layout(pair, inputs[0], want.shape, is_input=True)
+        except ValueError:  # another shape altogether: that is off too
+            got = None
+        err = math.inf if got is None else rel_l2(want, got)
+        if err > max(self.off, INPUT_OFF_OVER_UPSTREAM * self.upstream):
+            self.first = (i, got, err)
+
+    def explained(self, access, dtype: str) -> Optional[Dict]:
+        if self.first is None:
+            return None
+        i, got, err = self.first
+        pair = self.reader.index.pairs[i]
+        want = self.reader.tensor(i, "x")
+        if got is None:
+            found = {"kind": "shape", "text": "of another shape than the reference's input"}
+        else:
+            found = explain(want, got, dtype=dtype, tol=ACTIVATION_TOL.get(dtype, 1e-3),
+                            channel_axis=1 if want.ndim == 4 else None,
+                            others=lambda a: _recorded_output_equal_to(self.reader, a, i,
+                                                                       dtype)).to_dict()
+        ref = pair.reference.partition("/")[2]
+        return {"where": "input", "module": pair.module, "reference_module": pair.reference,
+                "rel_l2": err, "explanation": found,
+                "text": f"the input of module '{pair.module}' ({ref}) differs from the "
+                        f"reference's: {found['text']} (rel_l2 {err:.3g}), while every module "
+                        "before it is within bounds"}
+
+
+def _recorded_output_equal_to(reader: CaptureReader, a: np.ndarray, exclude: int,
+                              dtype: str) -> Optional[str]:
+    """The captured module whose recorded output `a` equals (a wrong tap), or None."""
+    tol = ACTIVATION_TOL.get(dtype, 1e-3)
+    for j, pair in enumerate(reader.index.pairs):
+        if j == exclude:
+            continue
+        out = reader.tensor(j, "out")
+        if out.shape == a.shape and rel_l2(out, a) <= tol:
+            return f"output of module '{pair.module}' ({pair.reference.partition('/')[2]})"
+    return None
+
+
+def _stage_outputs(rec: Recording, target: Target) -> Dict[str, np.ndarray]:
+    """The reference's outputs of the stage's networks on `_stage_inputs` (from the
+    recording): the conditioner encodes [prompt, cond_negative], as its neg_text variant."""
+    if target.stage == "conditioner":
+        both = lambda key: np.concatenate([rec.get(conditioner_key("neg_text", key)),  # noqa: E731
+                                           rec.get(conditioner_key("neg_text", "negative_" + key))])
+        return {"prompt_embeds": both("prompt_embeds"),
+                "pooled_prompt_embeds": both("pooled_prompt_embeds")}
+    if target.stage == "unet":
+        return {"eps": rec.get(call_key(target.sampler, target.step, "eps"))}
+    return {"decoded": rec.get(sampler_key(target.sampler, "decoded"))}
+
+
+def _divergent_output(reader: CaptureReader, rec: Recording, target: Target, access,
+                      outputs) -> Optional[Dict]:
+    """Every module and its input within bounds, yet the stage's output off: the difference
+    enters after the last module (which layer is tapped, which row pooled). Each output the
+    port's `run_stage` returned is explained against the reference's, block by block along its
+    last axis (the conditioner's crossattn is CLIP-L's hidden state beside bigG's); None when
+    no block is explained."""
+    if not isinstance(outputs, dict):
+        return None
+    dtype = rec.spec.dtype
+    tol = ACTIVATION_TOL.get(dtype, 1e-3)
+    for name, want in _stage_outputs(rec, target).items():
+        got = outputs.get(name)
+        if got is None:
+            continue
+        got = np.asarray(got, np.float32).reshape(want.shape)
+        err = rel_l2(want, got)
+        if err <= tol:
+            continue
+        parts = []
+        eos = _eos_positions(rec, target)
+        for label, (lo, hi) in _blocks(want.shape[-1], access):
+            w, g = want[..., lo:hi], got[..., lo:hi]
+            if rel_l2(w, g) <= tol:
+                continue
+            found = explain(w, g, dtype=dtype, tol=tol,
+                            others=lambda a: (_recorded_output_equal_to(reader, a, -1, dtype)
+                                              or _pooled_row(reader, a, access, tol, eos)))
+            if found.kind == "unexplained":
+                continue
+            block = "" if (lo, hi) == (0, want.shape[-1]) else f"[..., {lo}:{hi}] ({label})"
+            parts.append(f"{name}{block} differs from the reference's: {found.text}")
+        if not parts:  # nothing explained: the runner's note says what else it knows
+            continue
+        return {"where": "output", "output": name, "rel_l2": err,
+                "text": f"the stage's {'; '.join(parts)} (rel_l2 "
+                        f"{err:.3g}), while every module and its input are within bounds"}
+    return None
+
+
+def _eos_positions(rec: Recording, target: Target) -> Optional[List[int]]:
+    """Where bigG pools in the conditioner's ids: the first largest id (EOS) of each row."""
+    if target.stage != "conditioner":
+        return None
+    return [int(np.argmax(row)) for row in _stage_inputs(rec, target)["input_ids_2"]]
+
+
+def _pooled_row(reader: CaptureReader, pooled: np.ndarray, access, tol: float,
+                eos: Optional[List[int]]) -> Optional[str]:
+    """SDXL's pooled text embedding is bigG's final hidden state at the EOS token times
+    `text_projection` (a bare parameter, no module): the position whose projected row the
+    port's pooled output holds, when it is not the EOS token's."""
+    final = next((j for j, pair in enumerate(reader.index.pairs)
+                  if pair.port_path.endswith("embedders.1.model.ln_final")), None)
+    projection = next((prm for name, prm in access.root.parameters_and_names()
+                       if name.endswith("embedders.1.model.text_projection")), None)
+    if final is None or projection is None or pooled.ndim != 2:
+        return None
+    hidden = reader.tensor(final, "out").astype(np.float64)  # (B, L, W)
+    rows = hidden @ projection.asnumpy().astype(np.float64)  # (B, L, D): every position pooled
+    if rows.shape[0] != pooled.shape[0] or rows.shape[2] != pooled.shape[1]:
+        return None
+    found = []
+    for b in range(pooled.shape[0]):
+        distance = [rel_l2(rows[b, q], pooled[b]) for q in range(rows.shape[1])]
+        q = int(np.argmin(distance))
+        if distance[q] > tol:
+            return None
+        found.append(q)
+    if eos is None or found == list(eos):  # the right rows: the projection itself differs
+        return None
+    return (f"final hidden state of bigG at position(s) {sorted(set(found))}, projected (the "
+            "pooled row taken there, not at the EOS token)")
+
+
+def _blocks(width: int, access):
+    """(label, (lo, hi)) blocks of the conditioner's crossattn: each text encoder's width."""
+    cond = getattr(getattr(access, "config", None), "conditioner", None)
+    widths = [("CLIP-L", getattr(getattr(cond, "clip_l", None), "width", None)),
+              ("OpenCLIP-bigG", getattr(getattr(cond, "clip_g", None), "width", None))]
+    if all(w for _, w in widths) and sum(w for _, w in widths) == width:
+        lo = 0
+        for label, w in widths:
+            yield label, (lo, lo + w)
+            lo += w
+    else:
+        yield "all", (0, width)
 
 
 def has_module_truths(rec: Recording, stage: str) -> bool:

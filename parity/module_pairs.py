@@ -228,10 +228,12 @@ def port_inputs(pair: ModulePair, module, recorded: Dict[str, np.ndarray]) -> Tu
     return tuple(args)
 
 
-def to_reference_layout(pair: ModulePair, out, shape: Tuple[int, ...]) -> np.ndarray:
-    """The port module's output as the reference lays it out (`shape`)."""
+def to_reference_layout(pair: ModulePair, out, shape: Tuple[int, ...],
+                        is_input: bool = False) -> np.ndarray:
+    """The port module's output (or, `is_input`, its main input) as the reference lays it out
+    (`shape`)."""
     a = _numpy(out)
-    if pair.kind == "GEGLU":  # transposed (inner, B*L)
+    if pair.kind == "GEGLU" and not is_input:  # transposed (inner, B*L)
         a = a.T
     elif pair.kind == "Conv2d" and len(shape) == 3:  # 1x1 conv output (B, C, L, 1) -> (B, L, C)
         a = a.reshape(a.shape[0], a.shape[1], -1).transpose(0, 2, 1)

@@ -240,7 +240,8 @@ def module_headline(m: Mapping[str, Any], verdict: str = "FAIL") -> str:
     head = f"{verdict} at stage '{m['stage']}'{where}, module '{m['module']}' ({ref})"
     if m.get("error"):
         return f"{head} raised {m['error']} (traceback in report.json)"
-    return f"{head}: {m['metric']} {m['value']:.3g} > fail {m['bound']:.3g}"
+    inside = f"; inside it, {m['inside']}" if m.get("inside") else ""
+    return f"{head}: {m['metric']} {m['value']:.3g} > fail {m['bound']:.3g}{inside}"
 
 
 def _utc_now() -> str:
@@ -285,9 +286,17 @@ class ParityReport:
                      if loc.get("first_divergent_module")), None)
 
     def _module_headline(self, stage: str, verdict: str = "FAIL") -> Optional[str]:
-        m = next((loc["first_divergent_module"] for loc in self.localisation
-                  if loc["stage"] == stage and loc.get("first_divergent_module")), None)
-        return None if m is None else module_headline(m, verdict)
+        """The located module, or where a difference between modules enters (a wiring bug:
+        `FAIL at stage 'unet', step 0: the input of module '...' is the reference's with ...`)."""
+        loc = next((loc for loc in self.localisation if loc["stage"] == stage), None)
+        if loc is None:
+            return None
+        if loc.get("first_divergent_module"):
+            return module_headline(loc["first_divergent_module"], verdict)
+        if loc.get("divergence"):
+            where = "" if loc.get("step") is None else f", step {loc['step']}"
+            return f"{verdict} at stage '{stage}'{where}: {loc['divergence']['text']}"
+        return None
 
     def _locate_note(self, stage: str) -> str:
         """`; --locate: <why no module was named>` where localisation of `stage` named none."""
@@ -325,7 +334,13 @@ class ParityReport:
         return [self.stages[n] for n in ordered_stage_names(self.stages)]
 
     def headline(self) -> str:
-        """First line of every report: the verdict and, for FAIL/WARN, where it first happened."""
+        """First line of every report: the verdict and, for FAIL/WARN, where it first happened;
+        with `--checkpoint` other than the golden's weights, what `diff-weights` found."""
+        from parity.diff_weights import headline_note
+
+        return self._verdict_line() + headline_note(self.meta.get("weights_vs_golden"))
+
+    def _verdict_line(self) -> str:
         policy = self.meta.get("policy", "?")
         dtype = self.meta.get("dtype", "?")
         stages = self.ordered_stages()

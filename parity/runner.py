@@ -46,6 +46,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     policy = policy.for_devices(devices["port"], devices["reference"])
     policy.check_covers([s for s in stages], spec.dtype)
     out_dir = Path(out_dir)
+    weights = _weights_vs_golden(rec, ckpt, out_dir, log) if checkpoint else None
     with compile_dumps_in(out_dir):
         if port is None:
             port_spec = port_spec or PortSpec.parse(BUILTIN)
@@ -55,11 +56,41 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,
                            fail_fast, junit_xml, log, command, locate, reference_process,
-                           waivers)
+                           waivers, weights)
+
+
+def _weights_vs_golden(rec: Recording, ckpt: Path, out_dir: Path,
+                       log: Callable[[str], None]) -> Optional[Dict]:
+    """`diff-weights` of the port's checkpoint against the golden's weights, where those are
+    on this machine and the two are not the same content: the commonest porting bug is in the
+    conversion, and this names it before any stage runs (diff-weights.json/.md in the report
+    folder, a summary in meta and the headline)."""
+    from .diff_weights import diff_weights, write_reports
+    from .recording import RecordingError
+
+    try:
+        golden = rec.weights()
+    except RecordingError as e:
+        log(f"weights: not compared with the golden's ({e})")
+        return None
+    recorded = rec.meta.get("checkpoint_sha256")
+    if Path(golden).resolve() == Path(ckpt).resolve() or (
+            recorded and checkpoint_sha256(ckpt) == recorded):
+        return None
+    log(f"weights: comparing {ckpt} with the golden's {golden}")
+    diff = diff_weights(golden, ckpt, log=log)
+    paths = write_reports(diff, out_dir)
+    log(f"weights: {diff.summary()}")
+    return {"ok": diff.ok, "summary": diff.summary(), "golden": str(golden),
+            "report": str(paths["md"]),
+            "differing": [t.to_dict() for t in diff.differing[:20]],
+            "layout": {"missing": diff.missing[:20], "unexpected": diff.unexpected[:20],
+                       "mismatched": diff.mismatched[:20]}}
 
 
 def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fail_fast,
-                junit_xml, log, command, locate, reference_process, waivers) -> ParityReport:
+                junit_xml, log, command, locate, reference_process, waivers,
+                weights) -> ParityReport:
     from .reports import write_reports
 
     spec = rec.spec
@@ -91,6 +122,8 @@ def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fa
         "processes": {"port": {"peak_rss_bytes": peak_rss_bytes()},
                       **({"reference": reference_process} if reference_process else {})},
     }
+    if weights is not None:
+        meta["weights_vs_golden"] = weights
     dumps = out_dir / COMPILE_DUMPS
     if dumps.exists():
         meta["compile_dumps"] = str(dumps)
@@ -227,7 +260,7 @@ def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckp
         sampler = name.split("/")[0]
     log(f"locating the first divergent module of stage {stage.name}")
     loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step, log=log)
-    if loc.culprit is None:
+    if loc.culprit is None and loc.divergence is None:
         loc.note = _nothing_named(rec, port, ckpt, loc, log)
     return [loc.to_dict()]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
@@ -27,14 +28,17 @@ class ModuleAccess:
             return submodule(self._pipe.decoding_vae(), path[len(_VAE_PREFIX):])
         return submodule(self.root, path)
 
-    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> None:
-        """The networks of `stage` run on its recorded inputs (outputs are observed, not used)."""
+    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The networks of `stage` run on its recorded inputs; their outputs by the contract's
+        names (the conditioner's crossattn as `prompt_embeds` for every prompt in the batch)."""
         if stage == "conditioner":
-            self.root.conditioner.encode_text(Tensor(inputs["input_ids"].astype(np.int32)),
-                                              Tensor(inputs["input_ids_2"].astype(np.int32)))
-        elif stage == "unet":
-            self._pipe.unet(**inputs)
-        elif stage == "decode":
-            self._pipe.decode(inputs["latents"])
-        else:
-            raise ValueError(f"no networks to run for stage {stage!r}")
+            crossattn, pooled = self.root.conditioner.encode_text(
+                Tensor(inputs["input_ids"].astype(np.int32)),
+                Tensor(inputs["input_ids_2"].astype(np.int32)))
+            return {"prompt_embeds": crossattn.astype(ms.float32).asnumpy(),
+                    "pooled_prompt_embeds": pooled.astype(ms.float32).asnumpy()}
+        if stage == "unet":
+            return {"eps": self._pipe.unet(**inputs)}
+        if stage == "decode":
+            return {"decoded": self._pipe.decode(inputs["latents"])}
+        raise ValueError(f"no networks to run for stage {stage!r}")

@@ -21,6 +21,10 @@ def locate_headline(localisation: List[Dict[str, Any]]) -> str:
         None)
     if first is not None:
         return module_headline(first)
+    wiring = next((loc for loc in localisation if loc.get("divergence")), None)
+    if wiring is not None:
+        where = "" if wiring.get("step") is None else f", step {wiring['step']}"
+        return f"FAIL at stage '{wiring['stage']}'{where}: {wiring['divergence']['text']}"
     counted = ", ".join(f"{loc['stage']} {len(loc['modules'])}" for loc in localisation)
     return f"PASS: no module over its bound (modules compared: {counted})"
 

@@ -19,6 +19,8 @@ def _title(loc: Dict[str, Any]) -> str:
 
 def culprit_text(loc: Dict[str, Any]) -> str:
     m = loc.get("first_divergent_module")
+    if not m and loc.get("divergence"):
+        return loc["divergence"]["text"]
     if not m:
         return (loc.get("note") or "no module over its bound") + \
             f" ({len(loc.get('modules', []))} modules compared)"

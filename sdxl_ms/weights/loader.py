@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..config import PRESETS, SDXLConfig
 from .checkpoint import DIFFUSERS, SGM_NAMED, open_checkpoint
-from .keymap import convert_to_sgm, pipeline_rules, sgm_layout_to_diffusers
+from .keymap import convert_to_sgm, pipeline_rules, sgm_layout_to_diffusers, to_sgm
 from .safetensors_io import CheckpointError
 
 # buffers some checkpoints carry that hold no learned weights
@@ -141,6 +141,27 @@ def sgm_tensors(ckpt, cfg: SDXLConfig, names: Iterable[str]) -> Iterator[Tuple[s
     yield from convert_to_sgm(rules, ckpt.get)
     covered = {n for r in rules for n in r.sgm}
     yield from ((n, _sgm_only(n)) for n in names if n not in covered)
+
+
+def sgm_getter(ckpt, cfg: SDXLConfig) -> Callable[[str], np.ndarray]:
+    """Random access by sgm name into a checkpoint of any format (`KeyError` for a name it
+    does not hold): a diffusers tensor is converted through its key-map rule, the last rule's
+    outputs kept, so the three sgm names of one fused rule read its parts once."""
+    if ckpt.format in SGM_NAMED:
+        return ckpt.get
+    by_name = {name: rule for rule in pipeline_rules(cfg) for name in rule.sgm}
+    last: Dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in last:
+            rule = by_name.get(name)
+            if rule is None:
+                return _sgm_only(name)
+            last.clear()
+            last.update(zip(rule.sgm, to_sgm(rule.kind, [ckpt.get(d) for d in rule.diffusers])))
+        return last[name]
+
+    return get
 
 
 def load_weights(model, ckpt) -> None:
