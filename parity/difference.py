@@ -129,6 +129,13 @@ def _candidates(ref: np.ndarray, port: np.ndarray, channel_axis: Optional[int]
             yield ("reversed", f"reversed along axis {axis}", np.flip(ref, axis),
                    {"axis": axis})
     for axis in axes:
+        shift = _roll(ref, port, axis)
+        if shift:  # a concatenation in the other order, blocks of any sizes
+            n = ref.shape[axis]
+            text = (f"its two halves along axis {axis} swapped" if 2 * shift == n else
+                    f"its first {shift} and last {n - shift} entries along axis {axis} swapped "
+                    "(concatenated in the other order)")
+            yield "rolled", text, np.roll(ref, -shift, axis), {"axis": axis, "split": shift}
         for parts in (2, 3, 4):
             n = ref.shape[axis]
             if n % parts or n == parts:
@@ -143,12 +150,6 @@ def _candidates(ref: np.ndarray, port: np.ndarray, channel_axis: Optional[int]
                     text = f"its two halves along axis {axis} swapped"
                 yield ("permuted", text, np.concatenate([blocks[i] for i in order], axis),
                        {"axis": axis, "order": list(order)})
-        shift = _roll(ref, port, axis)
-        if shift:
-            n = ref.shape[axis]
-            yield ("rolled", f"its first {shift} and last {n - shift} entries along axis "
-                             f"{axis} swapped (concatenated in the other order)",
-                   np.roll(ref, -shift, axis), {"axis": axis, "split": shift})
 
 
 def _roll(ref: np.ndarray, port: np.ndarray, axis: int) -> int:

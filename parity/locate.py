@@ -547,7 +547,9 @@ def _divergent_output(reader: CaptureReader, rec: Recording, target: Target, acc
             continue
         parts = []
         eos = _eos_positions(rec, target)
-        for label, (lo, hi) in _blocks(want.shape[-1], access):
+        blocks = [("all", (0, want.shape[-1]))] + [b for b in _blocks(want.shape[-1], access)
+                                                    if b[0] != "all"]
+        for label, (lo, hi) in blocks:
             w, g = want[..., lo:hi], got[..., lo:hi]
             if rel_l2(w, g) <= tol:
                 continue
@@ -558,6 +560,8 @@ def _divergent_output(reader: CaptureReader, rec: Recording, target: Target, acc
                 continue
             block = "" if (lo, hi) == (0, want.shape[-1]) else f"[..., {lo}:{hi}] ({label})"
             parts.append(f"{name}{block} differs from the reference's: {found.text}")
+            if label == "all":  # the whole output explained: no need to look block by block
+                break
         if not parts:  # nothing explained: the runner's note says what else it knows
             continue
         return {"where": "output", "output": name, "rel_l2": err,
@@ -602,7 +606,8 @@ def _pooled_row(reader: CaptureReader, pooled: np.ndarray, access, tol: float,
 
 
 def _blocks(width: int, access):
-    """(label, (lo, hi)) blocks of the conditioner's crossattn: each text encoder's width."""
+    """(label, (lo, hi)) blocks of the conditioner's crossattn: each text encoder's width
+    (one block, "all", for other outputs)."""
     cond = getattr(getattr(access, "config", None), "conditioner", None)
     widths = [("CLIP-L", getattr(getattr(cond, "clip_l", None), "width", None)),
               ("OpenCLIP-bigG", getattr(getattr(cond, "clip_g", None), "width", None))]

@@ -70,7 +70,7 @@ BUGS = {
     f"{BIG_G}transformer.resblocks.1.attn.in_proj_weight":
         (_q_v, "permuted", "its q, k, v rows hold the reference's v, k, q"),
     f"{U}input_blocks.4.1.transformer_blocks.0.ff.net.0.proj.weight":
-        (_halves, "permuted", "its two halves along axis 0 swapped"),
+        (_halves, "rolled", "its two halves along axis 0 swapped"),
     f"{CLIP_L}encoder.layers.2.mlp.fc1.weight":
         (_reverse, "reversed", "reversed along axis 0"),
     f"{U}out.2.bias": (_scale, "scaled", "scaled by 7.67754 (1 / 0.13025)"),
@@ -176,7 +176,7 @@ def test_explain_names_activation_transformations():
     assert found.kind == "rolled" and found.detail == {"axis": 1, "split": 40}
     halves = np.concatenate([x[:, 48:], x[:, :48]], axis=1)
     found = explain(x, noisy(halves), tol=1e-3, channel_axis=1)
-    assert found.text == "its two halves along axis 1 swapped"
+    assert found.text == "its two halves along axis 1 swapped" and found.kind == "rolled"
     found = explain(x, noisy(x * 0.13025 ** 2), tol=1e-3)
     assert found.kind == "scaled" and "0.13025^2" in found.text
     assert explain(x, noisy(x), tol=1e-3).kind == "unexplained"  # noise above tol=rounding

@@ -28,6 +28,9 @@ EXPECTED = {
     "vae_scale_multiplied": ("decode", ": the input of module 'post_quant_conv' "
                              "(post_quant_conv) differs from the reference's: scaled by "
                              "0.0169651 (0.13025^2)"),
+    "crossattn_big_g_first": ("conditioner", ": the stage's prompt_embeds differs from the "
+                              "reference's: its first 32 and last 64 entries along axis 2 "
+                              "swapped (concatenated in the other order)"),
     "proj_out_transposed": ("unet", ", step 0, module 'input_blocks.4.1' (down_blocks.1."
                             "attentions.0): own rel_l2 1.09 > fail 1e-05; inside it, the input "
                             "of module 'input_blocks.4.1.proj_out' (down_blocks.1.attentions.0."

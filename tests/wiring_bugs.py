@@ -8,6 +8,7 @@ the port's own functions, monkeypatched in by tests (never a product flag).
   vae_scale_multiplied    the latents multiplied by the VAE scale before decoding, not divided
   proj_out_transposed     the transformer stack's tokens reshaped from their transpose before
                           proj_out (a reshape where a transpose was meant)
+  crossattn_big_g_first   the crossattn concatenated bigG's hidden state first, CLIP-L's second
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mindspore import Tensor, ops
 import sdxl_ms.models.open_clip_text as open_clip_text
 import sdxl_ms.models.unet as unet
 from sdxl_ms.models.clip_text import CLIPTextTransformer
+from sdxl_ms.models.conditioner import GeneralConditioner
 from sdxl_ms.pipeline import SDXLPipeline
 
 
@@ -77,3 +79,12 @@ def inject(bug: str, setattr_) -> None:
     """Put `bug` into the port (`setattr_`: pytest's monkeypatch.setattr, to undo it)."""
     for owner, name, replacement in BUGS[bug]:
         setattr_(owner, name, replacement)
+
+
+def encode_text_big_g_first(self, input_ids, input_ids_2):
+    hidden_l = self.embedders[0](input_ids)
+    hidden_g, pooled = self.embedders[1](input_ids_2)
+    return ops.cat([hidden_g.astype(hidden_l.dtype), hidden_l], axis=-1), pooled
+
+
+BUGS["crossattn_big_g_first"] = [(GeneralConditioner, "encode_text", encode_text_big_g_first)]
