@@ -52,9 +52,9 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
     from .policy import load_policy
     from .record import record, record_truth
     from .recording import RunSpec, resolve_checkpoint
-    from .runner import check
+    from .runner import check, port_device
 
-    floors: Dict = {"cases": [], "device": {"reference": "cpu", "port": _port_device()},
+    floors: Dict = {"cases": [], "device": {"reference": "cpu", "port": port_device()},
                     "dtypes": {}}
     policy = load_policy()  # verdicts do not matter here, only the numbers
     for dtype in dtypes:
@@ -83,12 +83,6 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
     floors["setup"] = {"preset": preset, "steps": steps, "samplers": list(samplers),
                        "seeds": list(seeds), "prompts": list(prompts)}
     return floors
-
-
-def _port_device() -> str:
-    import mindspore as ms
-
-    return str(ms.get_context("device_target")).lower()
 
 
 def derive_policy(base_text: str, floors: Dict, name: str = "calibrated") -> str:

@@ -95,16 +95,11 @@ def _port_backend(args, dtype: str) -> None:
     """`--jit` applied, and a dtype the port's backend cannot compute refused, before any work."""
     from sdxl_ms.backend import settings
 
+    from .ports import refuse_unsupported_dtype
+
     if getattr(args, "jit", None):
         settings.set_jit(args.jit)
-    if dtype == "bfloat16":
-        import mindspore as ms
-
-        if ms.get_context("device_target") == "CPU":
-            raise InputError("the port cannot run in bfloat16 here: MindSpore's CPU backend has "
-                             "no bfloat16 kernels; record a bfloat16 golden on this machine "
-                             "(sdxl-parity record --dtype bfloat16 --out DIR) and check it on "
-                             "Ascend (sdxl-parity check --golden DIR)")
+    refuse_unsupported_dtype(dtype)
 
 
 def _waivers(args):

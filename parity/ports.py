@@ -113,6 +113,18 @@ def _package_of(path: Path):
     return (str(folder), ".".join(parts)) if len(parts) > 1 else None
 
 
+def refuse_unsupported_dtype(dtype: str) -> None:
+    """A dtype the port's backend cannot compute here is bad input, before any work."""
+    if dtype == "bfloat16":
+        import mindspore as ms
+
+        if ms.get_context("device_target") == "CPU":
+            raise InputError("the port cannot run in bfloat16 here: MindSpore's CPU backend has "
+                             "no bfloat16 kernels; record a bfloat16 golden on this machine "
+                             "(sdxl-parity record --dtype bfloat16 --out DIR) and check it on "
+                             "Ascend (sdxl-parity check --golden DIR)")
+
+
 def load_port(spec: PortSpec, checkpoint: Path, dtype: str) -> Any:
     """Build the port from its factory and check it offers the contract's methods."""
     try:

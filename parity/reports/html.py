@@ -42,12 +42,12 @@ ROLE_CAPTIONS = {"ref": "reference (diffusers)", "port": "port (MindSpore)",
                  "diff": "|port - ref|, stretched to the largest difference"}
 
 
-def _esc(x) -> str:
+def esc(x) -> str:
     """Escape text content (quotes stay literal, so the headline reads as in report.md)."""
     return html.escape(str(x), quote=False)
 
 
-def _attr(x) -> str:
+def attr(x) -> str:
     return html.escape(str(x), quote=True)
 
 
@@ -106,19 +106,19 @@ def _waiver_section(report: ParityReport) -> List[str]:
     w = report.waivers
     if w is None:
         return []
-    out = [f"<h2>Waivers <small><code>{_esc(w['file'])}</code></small></h2>"]
+    out = [f"<h2>Waivers <small><code>{esc(w['file'])}</code></small></h2>"]
     if w["applied"]:
         out.append('<table class="summary"><tr><th>stage</th><th>tensor</th><th>step</th>'
                    "<th>waiver</th><th>owner</th><th>expires</th><th>reason</th></tr>")
         for a in w["applied"]:
-            out.append(f'<tr class="waived"><td>{_esc(a["stage"])}</td><td>{_esc(a["tensor"])}'
+            out.append(f'<tr class="waived"><td>{esc(a["stage"])}</td><td>{esc(a["tensor"])}'
                        f'</td><td>{"" if a["step"] is None else a["step"]}</td>'
-                       f'<td>{_esc(a["waiver"])}</td><td>{_esc(a["owner"])}</td>'
-                       f'<td>{_esc(a["expires"])}</td><td>{_esc(a["reason"])}</td></tr>')
+                       f'<td>{esc(a["waiver"])}</td><td>{esc(a["owner"])}</td>'
+                       f'<td>{esc(a["expires"])}</td><td>{esc(a["reason"])}</td></tr>')
         out.append("</table>")
     else:
         out.append("<p>nothing waived</p>")
-    out += [f'<p class="fail">problem: {_esc(p)}</p>' for p in w["problems"]]
+    out += [f'<p class="fail">problem: {esc(p)}</p>' for p in w["problems"]]
     return out
 
 
@@ -127,16 +127,16 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
     base_dir = Path(base_dir)
     v = report.verdict
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>SDXL parity: {_esc(v.value.upper())}</title>",
+           f"<title>SDXL parity: {esc(v.value.upper())}</title>",
            f"<style>{CSS}</style></head><body>",
-           f'<h1 class="headline {v.value}">{_esc(report.headline())}</h1>']
+           f'<h1 class="headline {v.value}">{esc(report.headline())}</h1>']
 
     out.append('<h2>Summary</h2><table class="summary"><tr><th>stage</th><th>verdict</th>'
                '<th>worst metric</th><th>first failure</th></tr>')
     for s in report.ordered_stages():
-        out.append(f'<tr><td><a href="#stage-{_attr(s.name)}">{_esc(s.name)}</a></td>'
+        out.append(f'<tr><td><a href="#stage-{attr(s.name)}">{esc(s.name)}</a></td>'
                    f'<td class="{s.verdict.value}">{s.verdict.value.upper()}</td>'
-                   f"<td>{_esc(s.worst_metric())}</td><td>{_esc(first_failure_text(s))}</td></tr>")
+                   f"<td>{esc(s.worst_metric())}</td><td>{esc(first_failure_text(s))}</td></tr>")
     out.append("</table>")
 
     out += _waiver_section(report)
@@ -146,25 +146,25 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
         out.append(f'<div class="charts">{growth}</div>')
 
     out.append('<h2>Run</h2><table class="meta">')
-    out.append(f"<tr><td>created</td><td>{_esc(report.created)}</td></tr>")
+    out.append(f"<tr><td>created</td><td>{esc(report.created)}</td></tr>")
     for key in sorted(report.meta):
-        out.append(f"<tr><td>{_esc(key)}</td><td><code>{_esc(meta_value(report.meta[key], 2000))}"
+        out.append(f"<tr><td>{esc(key)}</td><td><code>{esc(meta_value(report.meta[key], 2000))}"
                    f"</code></td></tr>")
     out.append("</table>")
 
     for s in report.ordered_stages():
-        out.append(f'<section id="stage-{_attr(s.name)}"><h2>Stage {_esc(s.name)} '
+        out.append(f'<section id="stage-{attr(s.name)}"><h2>Stage {esc(s.name)} '
                    f"{_badge(s.verdict)}</h2>")
         if s.error:
-            out.append(f'<p class="error">The port raised <code>{_esc(s.error)}</code></p>')
+            out.append(f'<p class="error">The port raised <code>{esc(s.error)}</code></p>')
             if s.traceback:
                 out.append("<details><summary>traceback</summary>"
-                           f'<pre class="traceback">{_esc(s.traceback)}</pre></details>')
+                           f'<pre class="traceback">{esc(s.traceback)}</pre></details>')
         if s.notes:
-            out.append("<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in s.notes) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in s.notes) + "</ul>")
         if s.limits:
             out.append("<p>Policy bounds: " + ", ".join(
-                f"<code>{_esc(k)}</code> warn {lim['warn']:g} / fail {lim['fail']:g}"
+                f"<code>{esc(k)}</code> warn {lim['warn']:g} / fail {lim['fail']:g}"
                 for k, lim in s.limits.items()) + "</p>")
         charts = _charts(s)
         if charts:
@@ -173,9 +173,9 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
             out.append('<div class="figs">')
             for role, rel in s.images.items():
                 uri = _data_uri(base_dir / rel)
-                caption = _esc(ROLE_CAPTIONS.get(role, role))
-                body = (f'<img src="{uri}" alt="{_attr(role)}">' if uri
-                        else f"<p>missing image: {_esc(rel)}</p>")
+                caption = esc(ROLE_CAPTIONS.get(role, role))
+                body = (f'<img src="{uri}" alt="{attr(role)}">' if uri
+                        else f"<p>missing image: {esc(rel)}</p>")
                 out.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
             out.append("</div>")
         if s.tensors:
@@ -183,14 +183,14 @@ def render_html(report: ParityReport, base_dir: Path) -> str:
             out.append("<details" + ("" if s.verdict.value == "pass" else " open") +
                        f"><summary>{len(s.tensors)} comparisons</summary><table><tr>"
                        "<th>tensor</th><th>step</th><th>verdict</th>" +
-                       "".join(f"<th>{_esc(c)}</th>" for c in cols) + "<th>reasons</th></tr>")
+                       "".join(f"<th>{esc(c)}</th>" for c in cols) + "<th>reasons</th></tr>")
             for t in s.tensors:
                 out.append(
-                    f"<tr><td>{_esc(t.name)}</td><td class=\"num\">"
+                    f"<tr><td>{esc(t.name)}</td><td class=\"num\">"
                     f"{'' if t.step is None else t.step}</td>"
                     f'<td class="{t.verdict.value}">{t.verdict.value.upper()}</td>' +
-                    "".join(f'<td class="num">{_esc(cell(t, c))}</td>' for c in cols) +
-                    f"<td>{_esc('; '.join(t.reasons))}</td></tr>")
+                    "".join(f'<td class="num">{esc(cell(t, c))}</td>' for c in cols) +
+                    f"<td>{esc('; '.join(t.reasons))}</td></tr>")
             out.append("</table></details>")
         out.append("</section>")
     out += module_html(report.localisation)

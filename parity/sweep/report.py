@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 
 from sdxl_ms.atomic import atomic_write_text
 
-from ..reports.html import CSS, _attr, _esc
+from ..reports.html import CSS, attr, esc
 from ..reports.markdown import markdown_table, meta_value
 from ..stages import STAGES
 
@@ -77,33 +77,33 @@ def render_html(sweep: Dict) -> str:
     stages, varying = sweep["stages"], sweep["varying"]
     verdict = sweep["verdict"]
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>SDXL parity sweep: {_esc(verdict.upper())}</title>",
+           f"<title>SDXL parity sweep: {esc(verdict.upper())}</title>",
            f"<style>{CSS}</style></head><body>",
-           f'<h1 class="headline {verdict}">{_esc(sweep["headline"])}</h1>',
+           f'<h1 class="headline {verdict}">{esc(sweep["headline"])}</h1>',
            "<table><tr>" + "".join(f'<th class="{v}">{v}</th>' for v in VERDICTS) + "</tr><tr>"
            + "".join(f'<td class="num">{sweep["summary"][v]}</td>' for v in VERDICTS)
            + "</tr></table>", '<h2>Cases</h2><table class="matrix"><tr><th>case</th>'
-           + "".join(f"<th>{_esc(f)}</th>" for f in varying) + "<th>verdict</th>"
-           + "".join(f"<th>{_esc(s)}</th>" for s in stages)
+           + "".join(f"<th>{esc(f)}</th>" for f in varying) + "<th>verdict</th>"
+           + "".join(f"<th>{esc(s)}</th>" for s in stages)
            + "<th>seconds</th><th>attempts</th><th>headline</th></tr>"]
     for case in sweep["cases"]:
         link = case.get("html")
-        name = (f'<a href="{_attr(link)}">{_esc(case["id"])}</a>' if link
-                else _esc(case["id"]))
+        name = (f'<a href="{attr(link)}">{esc(case["id"])}</a>' if link
+                else esc(case["id"]))
         row = [f"<td>{name}</td>"]
-        row += [f'<td title="{_attr(field_text(case, f, 10**6))}">{_esc(field_text(case, f))}</td>'
+        row += [f'<td title="{attr(field_text(case, f, 10**6))}">{esc(field_text(case, f))}</td>'
                 for f in varying]
         row.append(f'<td class="{case["verdict"]}">{case["verdict"].upper()}</td>')
         for s in stages:
             cell = case.get("stages", {}).get(s)
             row.append(f'<td class="{cell["verdict"]}">{cell["verdict"].upper()}<br>'
-                       f'<small>{_esc(cell["worst"])}</small></td>' if cell else "<td>-</td>")
+                       f'<small>{esc(cell["worst"])}</small></td>' if cell else "<td>-</td>")
         row.append(f'<td class="num">{case.get("seconds", "")}</td>'
                    f'<td class="num">{case.get("attempts", "")}</td>'
-                   f'<td>{_esc(case.get("error") or case.get("headline", ""))}</td>')
+                   f'<td>{esc(case.get("error") or case.get("headline", ""))}</td>')
         out.append("<tr>" + "".join(row) + "</tr>")
     out.append('</table><h2>Sweep</h2><table class="meta">')
-    out += [f"<tr><td>{_esc(k)}</td><td><code>{_esc(v)}</code></td></tr>"
+    out += [f"<tr><td>{esc(k)}</td><td><code>{esc(v)}</code></td></tr>"
             for k, v in _meta_rows(sweep)]
     out.append("</table></body></html>")
     return "\n".join(out) + "\n"

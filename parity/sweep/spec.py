@@ -435,13 +435,11 @@ def _stages(r: _Reader, data: Dict) -> Tuple[str, ...]:
 
 def _dtype_usable(r: _Reader, dtype: str, stages: Sequence[str], policy_path: str) -> None:
     """The port can compute `dtype` here and the policy has bounds for it."""
-    from types import SimpleNamespace
-
-    from ..cli import _port_backend
     from ..policy import load_policy
+    from ..ports import refuse_unsupported_dtype
 
     try:
-        _port_backend(SimpleNamespace(jit=None), dtype)
+        refuse_unsupported_dtype(dtype)
         load_policy(policy_path).check_covers(stages, dtype)
     except InputError as e:
         raise r.error("dtypes", str(e)) from None
