@@ -279,10 +279,7 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
         norm_d = float(np.linalg.norm(d.ravel()))
         norm_r = float(np.linalg.norm(r.ravel()))
         norm_p = float(np.linalg.norm(p.ravel()))
-        if norm_r == 0.0:
-            rel_l2 = 0.0 if norm_d == 0.0 else math.inf
-        else:
-            rel_l2 = norm_d / norm_r
+        relative_l2 = rel_l2(r, p)
         if norm_r == 0.0 and norm_p == 0.0:
             cosine = 1.0
         elif norm_r == 0.0 or norm_p == 0.0:
@@ -298,7 +295,7 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
         else:
             psnr = 20.0 * math.log10(peak / rmse)
         stats = dict(max_abs=float(ad.max()), mean_abs=float(ad.mean()), max_rel=float(rel.max()),
-                     rel_l2=rel_l2, cosine=cosine, psnr_db=psnr,
+                     rel_l2=relative_l2, cosine=cosine, psnr_db=psnr,
                      ratio_rel_err_le_1e3=float((rel <= 1e-3).mean()),
                      ratio_rel_err_le_5e3=float((rel <= 5e-3).mean()))
     if truth is not None:
@@ -313,12 +310,16 @@ def compare(ref: Any, port: Any, *, rtol: float, atol: float, truth: Any = None,
 
 
 def rel_l2(ref: Any, other: Any) -> float:
-    """||other - ref|| / ||ref|| in float64; the plain norm of the difference where `ref` is all
-    zero (there a relative error means nothing, but the size of a difference still does)."""
+    """||other - ref|| / ||ref|| in float64: the one relative L2 of the harness (stages, modules,
+    truths, weights). Against an all-zero `ref` it is 0 when `other` is zero too and inf
+    otherwise: a relative error against nothing is unbounded, and any bound then fails, where
+    the plain norm of the difference would silently change units."""
     ref = np.asarray(ref, np.float64)
     diff = float(np.linalg.norm((np.asarray(other, np.float64) - ref).ravel()))
     norm = float(np.linalg.norm(ref.ravel()))
-    return diff / norm if norm > 0 else diff
+    if norm > 0:
+        return diff / norm
+    return 0.0 if diff == 0 else math.inf
 
 
 def against_truth(ref: Any, port: Any, truth: Any, floor: float) -> Dict[str, float]:
