@@ -213,10 +213,3 @@ def terminal_table(diff: WeightDiff, limit: int = 40) -> str:
     if more > 0:
         lines.append(f"... {more} more (diff-weights.json lists every tensor)")
     return "\n".join(lines)
-
-
-def headline_note(diff: Optional[Dict]) -> str:
-    """`; weights: <summary>` for a run whose port checkpoint differs from the golden's."""
-    if not diff or diff.get("ok"):
-        return ""
-    return f"; weights vs the golden's: {diff['summary'].removeprefix('FAIL: ')}"

@@ -336,9 +336,10 @@ class ParityReport:
     def headline(self) -> str:
         """First line of every report: the verdict and, for FAIL/WARN, where it first happened;
         with `--checkpoint` other than the golden's weights, what `diff-weights` found."""
-        from parity.diff_weights import headline_note
-
-        return self._verdict_line() + headline_note(self.meta.get("weights_vs_golden"))
+        weights = self.meta.get("weights_vs_golden")  # `parity.runner._weights_vs_golden`
+        note = ("" if not weights or weights.get("ok") else
+                f"; weights vs the golden's: {weights['summary'].removeprefix('FAIL: ')}")
+        return self._verdict_line() + note
 
     def _verdict_line(self) -> str:
         policy = self.meta.get("policy", "?")

@@ -6,19 +6,13 @@ Diffusers names carry their component folder (``unet/...``, ``vae/...``, ``text_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Tuple
 
 import numpy as np
 
 from ..config import SDXLConfig
-
-# transform kinds
-COPY = "copy"
-TRANSPOSE = "transpose"  # sgm (in, out) matrix used as x @ P  <->  Linear weight (out, in)
-CONV1X1_TO_LINEAR = "conv1x1_to_linear"  # sgm (O, I, 1, 1)  <->  diffusers Linear (O, I)
-SPLIT_QKV = "split_qkv"  # sgm fused in_proj (3C, ...)  <->  q, k, v (C, ...)
-KINDS = (COPY, TRANSPOSE, CONV1X1_TO_LINEAR, SPLIT_QKV)
+from .key_rule import (CONV1X1_TO_LINEAR, COPY, KINDS, SPLIT_QKV, TRANSPOSE,  # noqa: F401
+                       KeyRule, rule)  # re-exported: the key maps' vocabulary
 
 # diffusers component folders and the file that holds each one's weights
 COMPONENT_FILES = {
@@ -27,24 +21,6 @@ COMPONENT_FILES = {
     "text_encoder": "model.safetensors",
     "text_encoder_2": "model.safetensors",
 }
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    sgm: Tuple[str, ...]
-    diffusers: Tuple[str, ...]
-    kind: str = COPY
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown key-map transform {self.kind!r}")
-        want = (1, 3) if self.kind == SPLIT_QKV else (1, 1)
-        if (len(self.sgm), len(self.diffusers)) != want:
-            raise ValueError(f"{self.kind} rule needs {want} names: {self}")
-
-
-def rule(sgm: str, diffusers: str, kind: str = COPY) -> KeyRule:
-    return KeyRule((sgm,), (diffusers,), kind)
 
 
 def prefixed(rules: Iterable[KeyRule], sgm_prefix: str, diffusers_prefix: str) -> List[KeyRule]:

@@ -18,7 +18,7 @@ from typing import List
 import numpy as np
 
 from ..config import TextEncoderConfig
-from .keymap import SPLIT_QKV, TRANSPOSE, KeyRule, rule
+from .key_rule import SPLIT_QKV, TRANSPOSE, KeyRule, rule
 
 TEXT_MODEL_PREFIX = "text_model."
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import List
 
 from ..config import UNetConfig
-from .keymap import KeyRule, rule
+from .key_rule import KeyRule, rule
 
 WB = ("weight", "bias")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import List
 
 from ..config import VAEConfig
-from .keymap import CONV1X1_TO_LINEAR, KeyRule, rule
+from .key_rule import CONV1X1_TO_LINEAR, KeyRule, rule
 
 
 def _pair(sgm: str, diffusers: str) -> List[KeyRule]:
