@@ -428,7 +428,7 @@ def locate_in_port(port, reader: CaptureReader, rec: Recording, bound_of: Callab
     step = target.step if target.stage == "unet" else None
     loc = Localisation(stage=target.stage, sampler=target.sampler, step=step, rows=rows,
                        free_run_error=free_run_error)
-    loc.divergence = watch.explained(access, rec.spec.dtype)
+    loc.divergence = watch.explained(rec.spec.dtype)
     culprit = loc.culprit
     if culprit is not None and not (loc.divergence and loc.divergence["module"].startswith(
             culprit.module + ".")):
@@ -479,7 +479,7 @@ class InputWatch:
         if err > max(self.off, INPUT_OFF_OVER_UPSTREAM * self.upstream):
             self.first = (i, got, err)
 
-    def explained(self, access, dtype: str) -> Optional[Dict]:
+    def explained(self, dtype: str) -> Optional[Dict]:
         if self.first is None:
             return None
         i, got, err = self.first

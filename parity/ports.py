@@ -154,6 +154,7 @@ def describe(port: Any, spec: Optional[PortSpec]) -> Dict[str, Any]:
     return {"spec": str(spec) if spec else "an object passed to parity.runner.check",
             "class": f"{cls.__module__}.{cls.__qualname__}", "version": version, **source,
             "modules": "own modules()" if has_modules(port) else
-            "none (the port offers no modules(): no localisation or module truths)", "sampler": "own sample()" if hasattr(port, "sample")
+            "none (the port offers no modules(): no localisation or module truths)",
+            "sampler": "own sample()" if hasattr(port, "sample")
             else "built-in sdxl_ms sampler (the port offers no sample())",
             "guide": "own guide()" if hasattr(port, "guide") else "the reference's CFG"}

@@ -181,6 +181,14 @@ class Recording:
                                  f"since (content sha256 differs): {redo}")
         return path
 
+    def recorded_on(self, checkpoint, weights: Path) -> bool:
+        """Whether `checkpoint` holds the weights this recording was made with (`weights`, from
+        `weights()`): the same path, or the same content by the recorded sha256."""
+        if Path(checkpoint).resolve() == Path(weights).resolve():
+            return True
+        recorded = self.meta.get("checkpoint_sha256")
+        return bool(recorded) and checkpoint_sha256(checkpoint) == recorded
+
     def save(self, folder: Path) -> Path:
         from safetensors.numpy import save_file
 
@@ -293,10 +301,12 @@ def file_sha256(path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: Path, stamp: Tuple) -> str:
+    """`stamp`: (file, mtime, size) of every file, sorted; a changed file is a new key."""
     if path.is_file():
         return file_sha256(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for name, _, _ in stamp:
+        f = Path(name)
         h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 

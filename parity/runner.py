@@ -16,7 +16,7 @@ from sdxl_ms.progress import bar as progress_bar
 
 from . import eta
 from .policy import Policy, load_policy
-from .recording import Recording, RunSpec, checkpoint_sha256, resolve_checkpoint
+from .recording import Recording, RunSpec, resolve_checkpoint
 from .guard import PortError, PortGuard
 from .isolated import peak_rss_bytes
 from .contract import has_modules
@@ -73,9 +73,7 @@ def _weights_vs_golden(rec: Recording, ckpt: Path, out_dir: Path,
     except RecordingError as e:
         log(f"weights: not compared with the golden's ({e})")
         return None
-    recorded = rec.meta.get("checkpoint_sha256")
-    if Path(golden).resolve() == Path(ckpt).resolve() or (
-            recorded and checkpoint_sha256(ckpt) == recorded):
+    if rec.recorded_on(ckpt, golden):
         return None
     log(f"weights: comparing {ckpt} with the golden's {golden}")
     diff = diff_weights(golden, ckpt, log=log)
@@ -274,11 +272,8 @@ def _nothing_named(rec: Recording, port, ckpt: Path, loc, log: Callable[[str], N
     why = "no module over its bound: the difference enters between modules"
     if loc.free_run_error:
         why += f" (the port's free run raised {loc.free_run_error})"
-    recorded = rec.meta.get("checkpoint_sha256")
     weights = rec.weights()
-    differs = (checkpoint_sha256(ckpt) != recorded if recorded
-               else Path(ckpt).resolve() != Path(weights).resolve())
-    if not differs:
+    if rec.recorded_on(ckpt, weights):
         return why
     log(f"comparing the port's weights with the golden's ({weights})")
     found = differing_weights(port.modules(), weights)
