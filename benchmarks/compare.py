@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from sdxl_ms.cli_common import ArgumentParser
-from sdxl_ms.errors import InputError
+from sdxl_common.cli import ArgumentParser
+from sdxl_common.errors import InputError
 
 from .report import entry_key, fmt_bytes, fmt_seconds
 

@@ -102,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc()
         print(f"measurement failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    from sdxl_ms.atomic import atomic_write_text
+    from sdxl_common.atomic import atomic_write_text
 
     atomic_write_text(args.result, json.dumps(record, indent=1) + "\n")
     return 0

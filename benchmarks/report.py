@@ -337,7 +337,7 @@ def _port_modes(results: Dict[str, Any]) -> List[str]:
 
 def write_outputs(results: Dict[str, Any], out: Path) -> Dict[str, Path]:
     """results.json, results.md and ratios.png under `out`, each written atomically."""
-    from sdxl_ms.atomic import atomic_write_bytes, atomic_write_text
+    from sdxl_common.atomic import atomic_write_bytes, atomic_write_text
 
     from .charts import ratio_chart_png
 

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from sdxl_ms.cli_common import ArgumentParser, add_global_options, add_version, run_command
-from sdxl_ms.errors import InputError
-from sdxl_ms.validate import check_output_dir
+from sdxl_common.cli import ArgumentParser, add_global_options, add_version, run_command
+from sdxl_common.errors import InputError
+from sdxl_common.validate import check_output_dir
 
 from .flops import COMPONENTS
 from .workloads import DTYPES, PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
@@ -205,7 +205,7 @@ def _load_average() -> Optional[float]:
 
 
 def _log(msg: str) -> None:
-    from sdxl_ms import progress
+    from sdxl_common import progress
 
     if progress.enabled():  # --quiet silences the progress lines
         print(msg, file=sys.stderr, flush=True)

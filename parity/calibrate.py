@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from sdxl_ms.atomic import atomic_write_text
+from sdxl_common.atomic import atomic_write_text
 
 K_WARN, K_FAIL = 1.25, 1.5
 WARN_FACTOR, FAIL_FACTOR = 1.5, 2.0

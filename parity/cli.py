@@ -1,6 +1,6 @@
 """`sdxl-parity`: the parity harness's command line.
 
-Exit codes (`sdxl_ms.errors`): 0 pass, 1 a stage failed or the port raised in a stage, 2 bad
+Exit codes (`sdxl_common.errors`): 0 pass, 1 a stage failed or the port raised in a stage, 2 bad
 input or usage (one line on stderr), 3 an internal error of the harness (`--debug` shows the
 traceback), 130 interrupted.
 """
@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from sdxl_ms.cli_common import (ArgumentParser, add_global_options, add_version, common_options,
+from sdxl_common.cli import (ArgumentParser, add_global_options, add_version, common_options,
                                  run_command)
 from sdxl_ms.config import PRESETS
-from sdxl_ms.errors import EXIT_FAILED, EXIT_OK, InputError
-from sdxl_ms.validate import check_existing, check_output_dir, check_writable_file
+from sdxl_common.errors import EXIT_FAILED, EXIT_OK, InputError
+from sdxl_common.validate import check_existing, check_output_dir, check_writable_file
 
 
 def cmd_make_checkpoint(args) -> int:

@@ -85,7 +85,7 @@ class WeightDiff:
 def diff_weights(reference: Path, port: Path,
                  log: Callable[[str], None] = lambda s: None) -> WeightDiff:
     """Compare the port's checkpoint with the reference's, tensor by tensor (streamed)."""
-    from sdxl_ms.progress import bar
+    from sdxl_common.progress import bar
     from sdxl_ms.weights.checkpoint import DIFFUSERS, open_checkpoint
     from sdxl_ms.weights.loader import (diff_layout, expected_layout, infer_preset,
                                         sgm_getter, sgm_tensors)
@@ -191,7 +191,7 @@ def render_markdown(diff: WeightDiff) -> str:
 
 
 def write_reports(diff: WeightDiff, out: Path) -> Dict[str, Path]:
-    from sdxl_ms.atomic import atomic_write_text
+    from sdxl_common.atomic import atomic_write_text
 
     from .reports.json_report import jsonable
 

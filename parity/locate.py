@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from sdxl_ms.errors import InputError
-from sdxl_ms.progress import bar as progress_bar
+from sdxl_common.errors import InputError
+from sdxl_common.progress import bar as progress_bar
 
 from .contract import ENCODE_OUTPUTS, cfg_batch, has_modules
 from .metrics import against_truth, format_value, rel_l2

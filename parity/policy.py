@@ -37,7 +37,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11: the same parser, published as tomli
     import tomli as tomllib
 
-from sdxl_ms.errors import InputError
+from sdxl_common.errors import InputError
 
 from parity.metrics import METRIC_DIRECTIONS, TensorMetrics, format_bound, format_value
 from parity.results import STAGES, StageResult, TensorResult, Verdict

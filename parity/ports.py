@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from sdxl_ms.errors import InputError
+from sdxl_common.errors import InputError
 
 from .contract import has_modules, signature_problems
 from .recording import file_sha256

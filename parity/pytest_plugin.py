@@ -66,7 +66,7 @@ class ParitySession:
     def _run_check(self):
         import tempfile
 
-        from sdxl_ms.errors import InputError
+        from sdxl_common.errors import InputError
 
         from .cli import stage_selection
         from .policy import load_policy

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from sdxl_ms.progress import bar as progress_bar
+from sdxl_common.progress import bar as progress_bar
 
 from . import eta
 from .contract import ENCODE_OUTPUTS, cfg_batch, to_images

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from sdxl_ms.atomic import atomic_dir, default_file_mode
-from sdxl_ms.errors import InputError
+from sdxl_common.atomic import atomic_dir, default_file_mode
+from sdxl_common.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
@@ -108,7 +108,7 @@ class RunSpec:
         """Everything this spec needs to be recorded and checked, before anything loads."""
         from sdxl_ms.config import get_preset
         from sdxl_ms.pipeline import check_generation_args, check_guidance
-        from sdxl_ms.validate import check_existing
+        from sdxl_common.validate import check_existing
 
         from .schedulers import diffusers_scheduler_spec
 

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from sdxl_ms.errors import MissingExtraError
+from sdxl_common.errors import MissingExtraError
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: the truth
 
@@ -209,7 +209,7 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
 def single_file_configs(path: Path) -> Path:
     """The weight-free diffusers folder (configs, tokenizers) of the preset an sgm file holds,
     written once into the cache, for `from_single_file(config=...)`."""
-    from sdxl_ms.paths import cache_dir
+    from sdxl_common.paths import cache_dir
     from sdxl_ms.weights.checkpoint import open_checkpoint
     from sdxl_ms.weights.loader import infer_preset
     from sdxl_ms.weights.synthetic import GENERATOR_VERSION, write_config_folder
@@ -228,7 +228,7 @@ def diffusers_folder_for(path: Path) -> Path:
 
     if detect_format(path) == DIFFUSERS:
         return path
-    from sdxl_ms.paths import cache_dir
+    from sdxl_common.paths import cache_dir
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

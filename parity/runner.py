@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from sdxl_ms.progress import bar as progress_bar
+from sdxl_common.progress import bar as progress_bar
 
 from . import eta
 from .policy import Policy, load_policy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from sdxl_ms.errors import InputError
+from sdxl_common.errors import InputError
 from sdxl_ms.sampling import check_sampler
 from sdxl_ms.sampling.discretization import SCHEDULES
 from sdxl_ms.weights.diffusers_configs import SDXL_SCHEDULER_CONFIG

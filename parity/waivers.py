@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from sdxl_ms.errors import InputError
-from sdxl_ms.validate import check_existing
+from sdxl_common.errors import InputError
+from sdxl_common.validate import check_existing
 
 from .metrics import format_value
 from .results import StageResult, TensorResult, Verdict

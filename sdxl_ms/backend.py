@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import mindspore as ms
 
-from .errors import InputError
+from sdxl_common.errors import InputError
 
 JIT_MODES = ("off", "blocks", "model")
 

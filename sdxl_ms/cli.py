@@ -1,6 +1,6 @@
 """`sdxl-ms`: the port's command line (keys, inspect, generate).
 
-Exit codes as in `sdxl_ms.errors`: bad input ends with one line on stderr naming the problem
+Exit codes as in `sdxl_common.errors`: bad input ends with one line on stderr naming the problem
 and exit code 2, an internal error with exit code 3.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_common import (ArgumentParser, add_global_options, add_version, common_options,
+from sdxl_common.cli import (ArgumentParser, add_global_options, add_version, common_options,
                          run_command)
 from .config import PRESETS
 
@@ -30,7 +30,7 @@ def cmd_inspect(args) -> int:
     from .weights.checkpoint import open_checkpoint
     from .weights.loader import diff_layout, expected_layout
 
-    from .errors import InputError
+    from sdxl_common.errors import InputError
     from .weights.loader import infer_preset
 
     ckpt = open_checkpoint(Path(args.path))

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import List
 
-from .errors import InputError
+from sdxl_common.errors import InputError
 
 DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
@@ -53,7 +53,7 @@ def validate(args) -> List[str]:
     """Check every argument before anything loads; returns the prompts to generate."""
     from .pipeline import check_generation_args, check_guidance
     from .sampling import check_sampler
-    from .validate import check_existing, check_writable_file, read_prompt_file
+    from sdxl_common.validate import check_existing, check_writable_file, read_prompt_file
 
     check_sampler(args.sampler, args.schedule)
     if args.num_images < 1:
@@ -85,7 +85,7 @@ def png_bytes(image, text: dict) -> bytes:
 
 
 def cmd_generate(args) -> int:
-    from .atomic import atomic_write_bytes
+    from sdxl_common.atomic import atomic_write_bytes
     from .pipeline import load_pipeline, to_uint8
     from .weights.synthetic import cached_checkpoint
 

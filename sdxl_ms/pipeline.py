@@ -14,9 +14,9 @@ from mindspore import Tensor
 
 from .backend import init_runtime
 from .config import SDXLConfig, get_preset
-from .errors import InputError
-from .progress import bar as progress_bar
-from .validate import check_choice, check_finite_number
+from sdxl_common.errors import InputError
+from sdxl_common.progress import bar as progress_bar
+from sdxl_common.validate import check_choice, check_finite_number
 from .models.sdxl import SDXL, build_sdxl
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}

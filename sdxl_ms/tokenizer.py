@@ -22,9 +22,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import atomic_dir
-from .errors import InputWarning
-from .paths import cache_dir
+from sdxl_common.atomic import atomic_dir
+from sdxl_common.errors import InputWarning
+from sdxl_common.paths import cache_dir
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -165,7 +165,7 @@ def test_written_files_are_0644(tmp_path, umask_022, tiny_checkpoints):
 
 
 def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
-    from sdxl_ms.atomic import atomic_write_text
+    from sdxl_common.atomic import atomic_write_text
 
     target = tmp_path / "shared.txt"
     target.write_text("old")
@@ -215,7 +215,7 @@ class _Terminal:
 
 
 def test_progress_bars_only_on_a_terminal_and_never_when_quiet(monkeypatch):
-    from sdxl_ms import progress
+    from sdxl_common import progress
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from sdxl_ms import atomic
+from sdxl_common import atomic
 from parity.metrics import MSPROBE_COLUMNS, compare, compare_exact, image_metrics
 from parity.policy import load_policy
 from parity.reports import (json_report, line_chart_svg, read_json, render_from_json,

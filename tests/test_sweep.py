@@ -13,7 +13,7 @@ import pytest
 
 from parity.cli import main
 from parity.sweep.spec import load_sweep, parse_sweep
-from sdxl_ms.errors import InputError
+from sdxl_common.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PORTS = REPO_ROOT / "tests" / "sweep_ports.py"

@@ -1,4 +1,4 @@
-"""The import graph of the installed packages (sdxl_ms, parity, benchmarks), read from the AST:
+"""The import graph of the installed packages (sdxl_common, sdxl_ms, parity, benchmarks), read from the AST:
 cycles between modules, and every place one package imports another.
 
     python tools/import_graph.py                    # cycles, then parity -> sdxl_ms imports
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("sdxl_ms", "parity", "benchmarks")
+PACKAGES = ("sdxl_common", "sdxl_ms", "parity", "benchmarks")
 
 
 def module_name(path: Path) -> str:

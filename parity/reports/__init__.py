@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from sdxl_ms.atomic import atomic_open, atomic_write_text
+from sdxl_common.atomic import atomic_open, atomic_write_text
 from parity.metrics import MSPROBE_COLUMNS, TensorMetrics
 from parity.reports.html import render_html
 from parity.reports.json_report import read_json, write_json

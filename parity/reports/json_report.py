@@ -49,7 +49,7 @@ from json import JSONEncoder
 from pathlib import Path
 from typing import Any
 
-from sdxl_ms.atomic import atomic_open
+from sdxl_common.atomic import atomic_open
 from parity.results import ParityReport
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from sdxl_ms.atomic import atomic_write_text
+from sdxl_common.atomic import atomic_write_text
 
 from parity.results import module_headline
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from sdxl_ms.atomic import atomic_write_text
-from sdxl_ms.progress import bar as progress_bar
+from sdxl_common.atomic import atomic_write_text
+from sdxl_common.progress import bar as progress_bar
 
 from . import report
 from .cases import CASE_JSON, CaseTask, attempts, read_case, reset_starts

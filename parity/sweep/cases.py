@@ -81,7 +81,7 @@ def check_step(task: CaseTask, recorded: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _step(task: CaseTask, step: str, body) -> Dict[str, Any]:
-    from sdxl_ms import progress
+    from sdxl_common import progress
 
     folder = Path(task.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def _step(task: CaseTask, step: str, body) -> Dict[str, Any]:
                                                 file=sys.stderr, flush=True))
             out["ok"] = True
         except Exception as e:  # noqa: BLE001 - the case's error, reported in its row
-            from sdxl_ms.cli_common import one_line
+            from sdxl_common.cli import one_line
 
             traceback.print_exc()
             out = {"ok": False, "error": f"{step}: {type(e).__name__}: {one_line(e)}",

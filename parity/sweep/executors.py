@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from sdxl_ms.errors import MissingExtraError
+from sdxl_common.errors import MissingExtraError
 
 from .cases import CaseTask, check_step, record_step, starts
 from .spec import Resources, SweepError

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from sdxl_ms.atomic import atomic_write_text
+from sdxl_common.atomic import atomic_write_text
 
 from ..reports.html import CSS, attr, esc
 from ..reports.markdown import markdown_table, meta_value

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from sdxl_ms.errors import InputError
+from sdxl_common.errors import InputError
 
 from ..recording import DEFAULT_PROMPT, RunSpec
 
@@ -382,7 +382,7 @@ def _relative(base: Path, path: str) -> Path:
 
 
 def _prompt_file(r: _Reader, base: Path, path: str) -> List[str]:
-    from sdxl_ms.validate import read_prompt_file
+    from sdxl_common.validate import read_prompt_file
 
     try:
         prompts = read_prompt_file(_relative(base, path))

@@ -17,8 +17,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..errors import InputError
-from ..validate import check_choice
+from sdxl_common.errors import InputError
+from sdxl_common.validate import check_choice
 from .discretization import SCHEDULE_OPTIONS, SCHEDULES, Schedule, make_schedule
 from .noise import NoiseSource
 

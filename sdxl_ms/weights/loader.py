@@ -168,7 +168,7 @@ def load_weights(model, ckpt) -> None:
     """Stream `ckpt` into `model` (an `SDXL` cell), converting diffusers names and layouts."""
     from .state import named_parameters, set_weights
 
-    from ..progress import bar
+    from sdxl_common.progress import bar
 
     check_layout(ckpt, model.cfg)
     params = named_parameters(model)

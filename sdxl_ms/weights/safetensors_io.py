@@ -13,9 +13,9 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import InputError
-from ..progress import bar
+from sdxl_common.atomic import atomic_path
+from sdxl_common.errors import InputError
+from sdxl_common.progress import bar
 
 _DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
            np.dtype("int64"): "I64", np.dtype("int32"): "I32"}

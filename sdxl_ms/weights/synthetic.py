@@ -12,15 +12,15 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..atomic import atomic_dir
+from sdxl_common.atomic import atomic_dir
 from ..config import SDXLConfig, get_preset
-from ..errors import InputError
-from ..validate import check_choice, check_output_dir, check_writable_file
+from sdxl_common.errors import InputError
+from sdxl_common.validate import check_choice, check_output_dir, check_writable_file
 from .checkpoint import DIFFUSERS, FORMATS, MINDSPORE, SGM, SGM_NAMED, variant_file
 from .diffusers_configs import model_index, pipeline_configs
 from .keymap import COMPONENT_FILES, KeyRule, pipeline_rules, split_component, to_diffusers
 from .loader import expected_layout
-from ..paths import cache_dir
+from sdxl_common.paths import cache_dir
 from .random_init import random_tensor
 from .safetensors_io import write_safetensors
 
@@ -58,7 +58,7 @@ def make_checkpoint(cfg: SDXLConfig, seed: int, out: Path, fmt: str = DIFFUSERS,
     if fmt == SGM:
         write_safetensors(out, list(shapes.items()), get, DTYPES[dtype], meta)
     elif fmt == MINDSPORE:
-        from ..atomic import atomic_open
+        from sdxl_common.atomic import atomic_open
         from .mindspore_ckpt import write_ckpt
 
         with atomic_open(out, "wb") as f:

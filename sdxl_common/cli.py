@@ -1,5 +1,5 @@
 """What the three command lines (`sdxl-ms`, `sdxl-parity`, `sdxl-bench`) share: `--version`,
-`--debug`, `--quiet`, and one place that turns exceptions into exit codes (`sdxl_ms.errors`)."""
+`--debug`, `--quiet`, and one place that turns exceptions into exit codes (`sdxl_common.errors`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,13 +16,15 @@ def version_text(prog: str) -> str:
     """`prog 0.1.0 (mindspore 2.10.0)`, read from package metadata without importing MindSpore."""
     from importlib import metadata
 
-    from . import __version__
-
+    try:
+        ours = metadata.version("sdxl-parity")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
     try:
         ms = metadata.version("mindspore")
     except metadata.PackageNotFoundError:
         ms = "not installed"
-    return f"{prog} {__version__} (mindspore {ms})"
+    return f"{prog} {ours} (mindspore {ms})"
 
 
 class ArgumentParser(argparse.ArgumentParser):
