@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from sdxl_common.cli import ArgumentParser, add_global_options, add_version, run_command
+from sdxl_common.dtypes import DTYPES
 from sdxl_common.errors import InputError
 from sdxl_common.validate import check_output_dir
 
 from .flops import COMPONENTS
-from .workloads import DTYPES, PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
+from .workloads import PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
 
 PRESET_NAMES = ("tiny", "sdxl-base")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -20,11 +20,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from sdxl_common.dtypes import DTYPES
+
 from . import flops as flops_mod
 
 COMPONENTS = flops_mod.COMPONENTS
 SIDES = ("port", "reference")
-DTYPES = ("float32", "float16", "bfloat16")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality, watermark"
 GUIDANCE_SCALE = 5.0
@@ -233,6 +234,7 @@ def build_port(spec: Spec) -> Tuple[Any, Dict[str, Any]]:
     from sdxl_ms.backend import init_runtime
     from sdxl_ms.config import get_preset
     from sdxl_ms.models.sdxl import build_sdxl
+    from sdxl_ms.nn.precision import cast
     from sdxl_ms.pipeline import SDXLPipeline, load_pipeline, random_pipeline, resolve_dtype
     from sdxl_ms.weights.random_init import random_tensor
     from sdxl_ms.weights.state import layout, set_weights
@@ -248,7 +250,7 @@ def build_port(spec: Spec) -> Tuple[Any, Dict[str, Any]]:
     if spec.checkpoint:
         model = _port_model_from_checkpoint(Path(spec.checkpoint), spec.dtype, prefixes)
     else:
-        model = build_sdxl(get_preset(spec.preset), resolve_dtype(spec.dtype))
+        model = cast(build_sdxl(get_preset(spec.preset)), resolve_dtype(spec.dtype))
         # random_pipeline's numbers (drawn by full sgm name), for this component only
         set_weights(model, ((n, random_tensor(spec.seed, n, s))
                             for n, s in layout(model).items() if n.startswith(prefixes)))
@@ -258,6 +260,7 @@ def build_port(spec: Spec) -> Tuple[Any, Dict[str, Any]]:
 def _port_model_from_checkpoint(path: Path, dtype: str, prefixes: Tuple[str, ...]):
     """`load_pipeline` restricted to the parameters under `prefixes` (others stay unallocated)."""
     from sdxl_ms.models.sdxl import build_sdxl
+    from sdxl_ms.nn.precision import cast
     from sdxl_ms.pipeline import resolve_dtype
     from sdxl_ms.weights.checkpoint import SGM, open_checkpoint
     from sdxl_ms.weights.keymap import convert_to_sgm, pipeline_rules
@@ -268,7 +271,7 @@ def _port_model_from_checkpoint(path: Path, dtype: str, prefixes: Tuple[str, ...
     ckpt = open_checkpoint(path)
     cfg = infer_preset(ckpt)
     check_layout(ckpt, cfg)
-    model = build_sdxl(cfg, resolve_dtype(dtype))
+    model = cast(build_sdxl(cfg), resolve_dtype(dtype))
     wanted = [n for n in layout(model) if n.startswith(prefixes)]
     if ckpt.format == SGM:
         set_weights(model, ((n, ckpt.get(n)) for n in wanted))

@@ -52,7 +52,8 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
     from .policy import load_policy
     from .record import record, record_truth
     from .recording import RunSpec, resolve_checkpoint
-    from .runner import check, port_device
+    from .framework import port_device
+    from .runner import check
 
     floors: Dict = {"cases": [], "device": {"reference": "cpu", "port": port_device()},
                     "dtypes": {}}

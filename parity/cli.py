@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -93,12 +94,11 @@ def _port_spec(args):
 
 def _port_backend(args, dtype: str) -> None:
     """`--jit` applied, and a dtype the port's backend cannot compute refused, before any work."""
-    from sdxl_ms.backend import settings
-
+    from .builtin_port import set_jit
     from .ports import refuse_unsupported_dtype
 
     if getattr(args, "jit", None):
-        settings.set_jit(args.jit)
+        set_jit(args.jit)
     refuse_unsupported_dtype(dtype)
 
 
@@ -216,7 +216,7 @@ def cmd_calibrate(args) -> int:
 
     require_reference("sdxl-parity calibrate (it records the reference and its truth)")
     dtypes = [d for d in args.dtype.split(",") if d]
-    from sdxl_ms.pipeline import DTYPES
+    from sdxl_common.dtypes import DTYPES
 
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
@@ -255,7 +255,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_locate(args) -> int:
-    from .contract import has_modules
     from .locate import LOCATABLE_STAGES, locate, needs_live_capture
     from .policy import load_policy
     from .ports import load_port
@@ -284,8 +283,10 @@ def cmd_locate(args) -> int:
     with compile_dumps_in(out):
         log(f"loading the port ({port_spec}) from {ckpt}")
         port = load_port(port_spec, ckpt, rec.spec.dtype)
-        if not has_modules(port):
-            raise InputError(f"--port {port_spec}: {type(port).__name__} offers no modules() "
+        from .port_cells import has_cells
+
+        if not has_cells(port):
+            raise InputError(f"--port {port_spec}: {type(port).__name__} offers no cells() "
                              "(parity/contract.py), so locate cannot run its modules; "
                              "`sdxl-parity check --port` gives its stage verdicts")
         found = [locate(rec, port, policy, stage, sampler=args.sampler, step=args.step,
@@ -391,7 +392,7 @@ def stage_selection(text: Optional[str]):
 
 
 def _add_run_options(p, spec_options: bool = True) -> None:
-    from sdxl_ms.pipeline import DTYPES
+    from sdxl_common.dtypes import DTYPES
 
     if spec_options:
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -451,7 +452,7 @@ def _add_check_options(p) -> None:
                    help="name the first divergent module of the first failing stage "
                         "(conditioner, unet or decode), each port module run on the "
                         "reference's recorded inputs: see `sdxl-parity locate`. Needs a port "
-                        "that offers modules() (the built-in one does; others get a one-line "
+                        "that offers cells() (the built-in one does; others get a one-line "
                         "note and their stage verdicts); without module captures in the "
                         "golden, torch and the golden's own weights")
 
@@ -542,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", default="locate-report", help="report folder (default: ./locate-report)")
     lo.add_argument("--port", default=None, metavar="MODULE:FACTORY",
                     help="the port whose modules are run: its factory's object must offer "
-                         "modules() (parity/contract.py; default: the built-in sdxl_ms port)")
+                         "cells() (parity/contract.py; default: the built-in sdxl_ms port)")
     _add_run_options(lo, spec_options=False)
     lo.set_defaults(func=cmd_locate)
 
@@ -586,9 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def keep_temp_clean() -> None:
+    """torch makes `$TMPDIR/torchinductor_<user>` when it is imported, even when nothing is
+    compiled; a command's only trace in the temp folder. Its cache goes to ours instead,
+    unless the user chose a place."""
+    from sdxl_common.paths import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:] or ["run"]
+    keep_temp_clean()
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
     return run_command("sdxl-parity", args.func, args)

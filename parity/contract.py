@@ -19,12 +19,19 @@ Shapes (B images, 77 tokens, h = H/8, w = W/8; dtypes as returned):
                                                  uncond first: the port's CFG combination
     sample(run, eps, callback) (optional)     -> final latents float32 (B, 4, h, w); see
                                                  `SamplingContract`
-    modules()                  (optional)     -> `PortModules`: the port's module tree, which
-                                                 `--locate` and the per-module truths run
-                                                 module by module (`ModuleContract`)
+    describe()                 (optional)     -> dict the report records: "version", and
+                                                 "execution" (how the port runs: compiled
+                                                 parts, threads)
+    cells()                    (optional)     -> {stage: [(sgm path, cell), ...]}: the
+                                                 networks that compute each of "conditioner",
+                                                 "unet", "decode", for `--locate` and the
+                                                 per-module truths (`CellContract`)
+    eager()                    (optional)     -> a context manager in which the port runs
+                                                 every module's own call (no compiled graph
+                                                 over it), so forward hooks fire
 
 Capabilities are what a port declares, never guessed from its attributes: a port without
-`modules()` gets stage verdicts, and `--locate` says in one line that it cannot go further.
+`cells()` gets stage verdicts, and `--locate` says in one line that it cannot go further.
 """
 from __future__ import annotations
 
@@ -100,41 +107,23 @@ class SamplingContract(Protocol):
 
 
 @runtime_checkable
-class PortModules(Protocol):
-    """What the harness needs to run a port module by module.
+class CellContract(Protocol):
+    """A port that names its modules, for localisation and module truths.
 
-    `root` is the port's whole model with sgm's module tree and parameter names
-    (`model.diffusion_model.*`, `conditioner.embedders.*`, `first_stage_model.*`); `config` is
-    what the weight key maps take for that layout (`sdxl_ms.config.SDXLConfig`); `module(path)`
-    returns the module at a full sgm path that computes in the port (e.g. the VAE's float32
-    copy in a float16 run); `run_stage(stage, inputs)` runs the networks of "conditioner",
-    "unet" or "decode" on the stage's recorded inputs (`input_ids`/`input_ids_2`; the UNet's
-    keyword arguments; `latents`), so each module's inputs and output in the free run can be
-    observed, and returns the stage's outputs as float32 numpy (`prompt_embeds` and
-    `pooled_prompt_embeds` for every row of the ids; `eps`; `decoded`), against which a
-    difference that enters after the last module is explained.
-    Today the modules must be `sdxl_ms.nn.Module`s (the built-in port's module system,
-    `sdxl_ms.module_access.ModuleAccess`).
+    `cells()` returns, per stage ("conditioner", "unet", "decode"), the MindSpore Cells that
+    compute it with the sgm path each stands at: `[("conditioner.embedders.0", clip_l),
+    ("conditioner.embedders.1", big_g)]`, `[("model.diffusion_model", unet)]`,
+    `[("first_stage_model", vae)]` (the VAE that decodes: its float32 copy in a float16 run).
+    Below them, parameter names are sgm's (MindSpore's gamma/beta/embedding_table spellings
+    are read as torch's), which is how each module is paired with its reference counterpart;
+    names that differ further take `--module-names FILE`. The harness observes the modules with
+    MindSpore's forward hooks in the stage's free run (through the contract's own methods) and
+    calls each the way the free run called it, with the reference's inputs in place. A port
+    whose modules are not stock Cells offers `register_forward_pre_hook` and
+    `register_forward_hook` on them with MindSpore's signatures (the built-in port does).
     """
 
-    root: object
-    config: object
-
-    def module(self, path: str) -> object: ...
-
-    def run_stage(self, stage: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]: ...
-
-
-@runtime_checkable
-class ModuleContract(Protocol):
-    """A port that exposes its modules (`PortModules`), for localisation and module truths."""
-
-    def modules(self) -> PortModules: ...
-
-
-def has_modules(port) -> bool:
-    """Whether `port` declares module access (`ModuleContract`)."""
-    return callable(getattr(port, "modules", None))
+    def cells(self) -> Dict[str, List[Tuple[str, object]]]: ...
 
 
 REQUIRED_METHODS = ("tokenize", "encode_prompt", "unet", "decode")
@@ -146,14 +135,17 @@ _REQUIRED_ARGS = {
     "decode": ("latents",),
     "sample": ("run", "eps", "callback"),
     "guide": ("eps", "scale"),
-    "modules": (),
+    "describe": (),
+    "cells": (),
+    "eager": (),
 }
 
 
 def signature_problems(port) -> List[str]:
     """What keeps `port` from the contract: missing methods or argument names."""
     problems = []
-    for name in REQUIRED_METHODS + tuple(m for m in ("sample", "guide", "modules") if hasattr(port, m)):
+    for name in REQUIRED_METHODS + tuple(m for m in ("sample", "guide", "describe", "cells",
+                                             "eager") if hasattr(port, m)):
         method = getattr(port, name, None)
         if not callable(method):
             problems.append(f"no method {name}()")
@@ -219,6 +211,6 @@ def guide(eps: np.ndarray, scale: float) -> np.ndarray:
 def to_images(decoded: np.ndarray) -> np.ndarray:
     """Decoded float (B, 3, H, W) in about [-1, 1] -> uint8 (B, H, W, 3), rounded as diffusers
     rounds (x 255, not the seed tutorial's 225)."""
-    from sdxl_ms.pipeline import to_uint8
+    from sdxl_common.images import to_uint8
 
     return to_uint8(np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))

@@ -22,13 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .sampler_registry import unet_calls_per_sampler
+
 DECODE_COST = 0.8  # one VAE decode, in UNet-call units (sdxl-base 1024x1024, measured above)
 TRUTH_COST = 2.0  # a float64 network call, in float32 calls of the same network (estimate)
-
-
-def unet_calls_per_sampler(sampler: str, steps: int) -> int:
-    """diffusers' Heun evaluates the UNet twice per step but once on the last."""
-    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 @dataclass(frozen=True)

@@ -24,23 +24,31 @@ from .module_pairs import ModulePair
 
 @dataclass
 class CaptureIndex:
-    """What a capture holds: the pairs in execution order and, per pair, its tensors' shapes."""
+    """What a capture holds: the reference modules in execution order (as `ModulePair`s whose
+    port side is filled in when a port is paired with them) and, per module, its tensors."""
 
     stage: str
     pairs: List[ModulePair] = field(default_factory=list)
     members: List[Dict[str, str]] = field(default_factory=list)  # per pair: tensor -> zip member
     sampler: str = ""
     step: int = 0
+    containers: List[str] = field(default_factory=list)  # the reference's plain containers
 
     def to_dict(self) -> Dict:
         return {"stage": self.stage, "sampler": self.sampler, "step": self.step,
+                "containers": self.containers,
                 "modules": [{**p.to_dict(), "tensors": m} for p, m in zip(self.pairs, self.members)]}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "CaptureIndex":
         return cls(stage=d["stage"], sampler=d.get("sampler", ""), step=int(d.get("step", 0)),
                    pairs=[ModulePair.from_dict(m) for m in d["modules"]],
-                   members=[m.get("tensors", {}) for m in d["modules"]])
+                   members=[m.get("tensors", {}) for m in d["modules"]],
+                   containers=list(d.get("containers", [])))
+
+    def kinds(self) -> Dict[str, str]:
+        """Captured reference module -> kind, in capture order."""
+        return {p.reference: p.kind for p in self.pairs}
 
 
 class CaptureWriter:

@@ -1,29 +1,31 @@
-"""Which port module computes what which reference module computes, and how to call one on the
-other's inputs.
+"""Which port module computes what which reference module computes.
 
 Modules are paired through the weight key maps (`sdxl_ms.weights.keymap`), not through names
-typed by hand: a port module's parameters map to diffusers parameters, and the diffusers module
-that holds them is its counterpart (`input_blocks.4.1.transformer_blocks.0.attn2` holds what
-`down_blocks.1.attentions.0.transformer_blocks.0.attn2` holds). Three rules settle the cases
-where the parameters alone are ambiguous:
+typed by hand: a port module's parameters (MindSpore's gamma/beta/embedding_table spellings
+read as torch's) map to diffusers parameters, and the diffusers module that holds them is its
+counterpart (`input_blocks.4.1.transformer_blocks.0.attn2` holds what
+`down_blocks.1.attentions.0.transformer_blocks.0.attn2` holds). The port's modules are any
+MindSpore Cells (stock `nn` layers or a module system of the port's own), walked through their
+public children. Three rules settle the cases where the parameters alone are ambiguous:
   - a module whose parameters all sit in one child wraps it (sgm's `Downsample` around `op`,
     `GEGLU` around `proj`): its counterpart is the parent of the child's counterpart;
   - a counterpart that is a plain container (`ff.net`, `encoder.layers`) is replaced by the
     module that holds it;
-  - `Sequential`s (sgm's `TimestepEmbedSequential`, `in_layers`) are not paired: their layers
-    are, and a reference block does not split where sgm's sequence does.
-
-Each pair knows how to run the port module on the reference's recorded inputs (`PortCall`):
-the port keeps some activations in other layouts (row-major tokens (B*L, C) where diffusers
-has (B, L, C); GEGLU's output transposed; the VAE attention's q/k/v as 1x1 convolutions where
-diffusers has Linears over (B, HW, C)), converted here both ways.
+  - sequences of numbered layers (sgm's `TimestepEmbedSequential`, `in_layers`, a CellList)
+    are not paired: their layers are, and a reference block does not split where sgm's
+    sequence does.
+What a module is (its kind, which names its bounds) comes from the reference side
+(`module_kinds`); how the port lays out its inputs and output is learned in the free run
+(`module_layouts`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
+from .module_kinds import kind_of
 
 # the port network of each localisable stage: (sgm prefix, diffusers component)
 STAGE_NETWORKS: Dict[str, Tuple[Tuple[str, str], ...]] = {
@@ -39,7 +41,8 @@ PARAMETER_FREE: Dict[str, str] = {"model.diffusion_model.time_proj": "unet/time_
 
 @dataclass(frozen=True)
 class ModulePair:
-    """One port module and its reference counterpart. `kind` is the port module's class."""
+    """One port module and its reference counterpart. `kind` says what the module is
+    (`module_kinds`, from the reference's side)."""
 
     module: str      # sgm name without the network prefix: "input_blocks.4.1.transformer_blocks.0.attn2"
     reference: str   # diffusers name with its component: "unet/down_blocks.1.attentions..."
@@ -52,7 +55,7 @@ class ModulePair:
 
     @classmethod
     def from_dict(cls, d) -> "ModulePair":
-        return cls(d["module"], d["reference"], d["kind"], d["port_path"])
+        return cls(d.get("module", ""), d["reference"], d["kind"], d.get("port_path", ""))
 
 
 def _parent(path: str) -> str:
@@ -69,75 +72,170 @@ def _common_prefix(paths: Sequence[str]) -> str:
     return ".".join(out)
 
 
-def pair_modules(model, cfg, stage: str, reference_modules: Dict[str, object]) -> List[ModulePair]:
-    """Pairs for `stage`, in the port's module-tree order. `model` is the port's whole SDXL
-    (sgm names); `reference_modules` maps "component/name" to each diffusers module (its
-    `named_modules`, component-prefixed), used to tell containers and existing modules."""
-    from mindspore import nn
+Rename = Callable[[str], str]
 
-    from sdxl_ms.nn.module import Module, Network, Sequential, submodule
+
+def sgm_names(cfg) -> Dict[str, List[str]]:
+    """sgm parameter name -> the diffusers parameter names (component-prefixed) it holds."""
     from sdxl_ms.weights.keymap import pipeline_rules
 
-    sgm_to_diffusers: Dict[str, List[str]] = {}
+    out: Dict[str, List[str]] = {}
     for rule in pipeline_rules(cfg):
         for name in rule.sgm:
-            sgm_to_diffusers.setdefault(name, []).extend(rule.diffusers)
+            out.setdefault(name, []).extend(rule.diffusers)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _layout_of(checkpoint: str):
+    from sdxl_ms.weights.checkpoint import open_checkpoint
+    from sdxl_ms.weights.loader import infer_preset
+
+    return infer_preset(open_checkpoint(Path(checkpoint)))
+
+
+def layout_config(checkpoint) -> object:
+    """The SDXL layout (`sdxl_ms.config.SDXLConfig`: widths, depths) of `checkpoint`, which the
+    key maps take."""
+    return _layout_of(str(checkpoint))
+
+
+def _network_root(roots: Sequence[Tuple[str, object]], prefix: str):
+    """The port cell at the sgm path `prefix` ("model.diffusion_model."), found below one of the
+    stage's roots, or None."""
+    want = prefix.rstrip(".")
+    for root_prefix, root in roots:
+        if want == root_prefix:
+            return root
+        if want.startswith(root_prefix + "."):
+            try:
+                return cell_at(root, want[len(root_prefix) + 1:])
+            except KeyError:
+                continue
+    return None
+
+
+@dataclass
+class Pairing:
+    """The stage's port modules paired with captured reference modules, and what stayed alone:
+    port modules owning weights the key maps give no counterpart (a name that differs from
+    sgm's), captured modules no port module computes (both listed in the report, never dropped
+    silently). Port modules whose counterpart the stage does not run (the VAE's encoder when
+    decoding) are neither."""
+
+    pairs: List[ModulePair]
+    port_alone: List[str]
+    reference_alone: List[str]
+
+
+def pair_with_port(roots: Sequence[Tuple[str, object]], cfg, stage: str,
+                   captured: Dict[str, str], containers: Sequence[str] = (),
+                   rename: Optional[Rename] = None) -> Pairing:
+    """Pair the port's modules of `stage` (`roots`: (sgm path, cell) from the contract's
+    `cells()`) with the captured reference modules (`captured`: reference name -> kind), through
+    the parameter names each module owns and the key maps; `containers` are the reference's
+    plain containers (a counterpart there is the module that holds it); `rename` maps a port
+    name that differs from sgm's further. Pairs come in the port's module-tree order."""
+    from sdxl_ms.weights.mindspore_ckpt import canonical_name
+
+    to_diffusers = sgm_names(cfg)
+    rename = rename or (lambda name: name)
+    containers = set(containers)
     pairs: List[ModulePair] = []
+    port_alone: List[str] = []
     for prefix, component in STAGE_NETWORKS[stage]:
-        root = submodule(model, prefix.rstrip("."))
-        cells = [(name, cell) for name, cell in root.cells_and_names()
-                 if name and isinstance(cell, Module)]
+        network = _network_root(roots, prefix)
+        if network is None:
+            continue
+        cells = [(name, cell) for name, cell in network.cells_and_names() if name]
         counterpart: Dict[str, str] = {}
         for name, cell in reversed(cells):  # children before parents
             mapped = [d for rel, _ in cell.parameters_and_names()
-                      for d in sgm_to_diffusers.get(f"{prefix}{name}.{rel}", [])]
+                      for d in to_diffusers.get(canonical_name(rename(f"{prefix}{name}.{rel}")),
+                                                [])]
             if not mapped:
                 continue
             path = _common_prefix([_parent(d) for d in mapped])
             children = [counterpart.get(f"{name}.{child}") for child in _direct_children(cell)]
             if path in children:  # a wrapper around one child
                 path = _parent(path)
-            if isinstance(reference_modules.get(path), _reference_containers()):
+            if path in containers:
                 path = _parent(path)
             counterpart[name] = path
         for name, _ in cells:
-            if prefix + name in PARAMETER_FREE:
-                counterpart[name] = PARAMETER_FREE[prefix + name]
+            sgm = rename(prefix + name)
+            if sgm in PARAMETER_FREE:
+                counterpart[name] = PARAMETER_FREE[sgm]
         for name, cell in cells:
-            if (name in counterpart and not isinstance(cell, (Sequential, Network, nn.CellList))
-                    and counterpart[name] in reference_modules
-                    and type(cell).__name__ in PORT_CALLS):
-                pairs.append(ModulePair(name, counterpart[name], type(cell).__name__,
-                                        prefix + name))
+            if _is_sequence(cell):
+                continue
+            ref = counterpart.get(name)
+            sgm = rename(prefix + name)
+            if ref in captured:
+                pairs.append(ModulePair(sgm[len(prefix):] if sgm.startswith(prefix) else sgm,
+                                        ref, captured[ref], prefix + name))
+            elif ref is None and list(cell.get_parameters(expand=False)):
+                port_alone.append(sgm)  # weights the key maps know no counterpart of
     seen, unique = set(), []
     for p in pairs:  # one port module per reference module (the first, outermost)
         if p.reference not in seen:
             seen.add(p.reference)
             unique.append(p)
-    return unique
+    alone = [name for name in captured if name not in seen]
+    return Pairing(unique, port_alone, alone)
+
+
+def cell_at(root, path: str):
+    """The cell at a dotted path below `root` ("input_blocks.4.1"), through each cell's
+    public children (`name_cells`), as `cells_and_names` names them."""
+    cell = root
+    for part in path.split("."):
+        children = cell.name_cells()
+        if part not in children:
+            raise KeyError(f"no module {path!r}: {type(cell).__name__} has no child {part!r}")
+        cell = children[part]
+    return cell
+
+
+def _is_sequence(cell) -> bool:
+    """A container of numbered layers and no weights of its own (sgm's `nn.Sequential` and
+    `TimestepEmbedSequential`, a `CellList`, a `SequentialCell`): not paired, its layers are,
+    and a reference block does not split where the sequence does."""
+    children = list(cell.name_cells())
+    return (bool(children) and all(name.isdigit() for name in children)
+            and not list(cell.get_parameters(expand=False)))
 
 
 def _direct_children(cell) -> List[str]:
-    """Child modules as named in `cells_and_names`, a Sequential's or list's layers keyed
-    through it ("in_layers.0"), the Sequential itself left out (it is not paired)."""
-    from mindspore import nn
-
-    from sdxl_ms.nn.module import Sequential
-
+    """Child modules as named in `cells_and_names`, a sequence's layers keyed through it
+    ("in_layers.0"), the sequence itself left out (it is not paired)."""
     out = []
-    for name, child in cell._cells.items():
-        if isinstance(child, (Sequential, nn.CellList)):
+    for name, child in cell.name_cells().items():
+        if _is_sequence(child):
             out += [f"{name}.{sub}" for sub in _direct_children(child)]
         elif child is not None:
             out.append(name)
     return out
 
 
-def _reference_containers() -> tuple:
-    """torch's plain container classes (torch imported here: `parity.locate` imports without it)."""
+def reference_containers(modules: Dict[str, object]) -> List[str]:
+    """The names of torch's plain containers (ModuleList, Sequential, ModuleDict) among the
+    reference's modules: a port module's counterpart there is the module holding it."""
     import torch
 
-    return (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+    kinds = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+    return [name for name, module in modules.items() if isinstance(module, kinds)]
+
+
+def captured_kinds(modules: Dict[str, object]) -> Dict[str, str]:
+    """Reference name -> kind for every reference module compared on its own
+    (`module_kinds.kind_of`), in the reference's module order."""
+    out = {}
+    for name, module in modules.items():
+        kind = kind_of(name, type(module).__name__)
+        if kind is not None:
+            out[name] = kind
+    return out
 
 
 def reference_module_table(ref, stage: str) -> Dict[str, object]:
@@ -155,101 +253,6 @@ def reference_module_table(ref, stage: str) -> Dict[str, object]:
             if name:
                 out[f"{component}/{alias}{name}"] = module
     return out
-
-
-# ---- calling a port module on the reference's inputs ---------------------------------------
-
-@dataclass(frozen=True)
-class PortCall:
-    """How a port module kind takes the reference's inputs. `inputs` names the recorded inputs
-    it needs (x, context, temb); `tokens`: the port runs it on row-major (B*L, C) tokens."""
-
-    inputs: Tuple[str, ...] = ("x",)
-    tokens: bool = False
-    batch_arg: bool = False  # forward takes the batch size after the tensors
-
-
-PORT_CALLS: Dict[str, PortCall] = {
-    # primitives
-    "Linear": PortCall(), "Conv2d": PortCall(), "GroupNorm": PortCall(), "LayerNorm": PortCall(),
-    "Embedding": PortCall(), "Upsample": PortCall(), "Downsample": PortCall(),
-    "SinusoidalTimesteps": PortCall(),
-    # UNet
-    "ResBlock": PortCall(("x", "temb")), "SpatialTransformer": PortCall(("x", "context")),
-    "BasicTransformerBlock": PortCall(("x", "context"), tokens=True, batch_arg=True),
-    "CrossAttention": PortCall(("x", "context"), tokens=True, batch_arg=True),
-    "FeedForward": PortCall(tokens=True), "GEGLU": PortCall(tokens=True),
-    # VAE
-    "ResnetBlock": PortCall(), "AttnBlock": PortCall(), "MidBlock": PortCall(), "Level": PortCall(),
-    "Decoder": PortCall(),
-    # text encoders
-    "CLIPTextEmbeddings": PortCall(),
-    "CLIPEncoderLayer": PortCall(tokens=True, batch_arg=True),
-    "ResidualAttentionBlock": PortCall(tokens=True, batch_arg=True),
-    "CLIPAttention": PortCall(tokens=True, batch_arg=True),
-    "MultiheadAttention": PortCall(tokens=True, batch_arg=True),
-    "CLIPMLP": PortCall(tokens=True), "MLP": PortCall(tokens=True),
-}
-
-
-TOKEN_ID_INPUTS = ("Embedding", "CLIPTextEmbeddings")  # kinds whose x is token ids
-
-
-def port_inputs(pair: ModulePair, module, recorded: Dict[str, np.ndarray]) -> Tuple:
-    """The port module's forward arguments (after `p`) from the reference's recorded inputs,
-    float ones in the dtype of the module's weights (the capture stores float32; in float16
-    the reference module got float16 values, which float32 holds exactly)."""
-    import mindspore as ms
-    from mindspore import Tensor
-
-    weight = next(iter(module.get_parameters()), None)
-    dtype = weight.dtype if weight is not None else ms.float32
-
-    call = PORT_CALLS[pair.kind]
-    x = recorded["x"]
-    batch = x.shape[0]
-    args = []
-    for name in call.inputs:
-        value = recorded.get(name)
-        if value is None:
-            args.append(None)
-            continue
-        if call.tokens and value.ndim == 3:
-            value = value.reshape(-1, value.shape[-1])
-        if name == "x" and pair.kind == "Conv2d" and value.ndim == 3:
-            value = value.transpose(0, 2, 1)[..., None]  # (B, L, C) as a 1-wide NCHW map
-        if name == "x" and pair.kind in TOKEN_ID_INPUTS:
-            args.append(Tensor(np.asarray(value).astype(np.int32)))  # ids, stored as floats
-            continue
-        value = Tensor(np.ascontiguousarray(value))
-        args.append(value if dtype == ms.float32 else value.astype(dtype))
-    if call.batch_arg:
-        args.append(batch)
-    return tuple(args)
-
-
-def to_reference_layout(pair: ModulePair, out, shape: Tuple[int, ...],
-                        is_input: bool = False) -> np.ndarray:
-    """The port module's output (or, `is_input`, its main input) as the reference lays it out
-    (`shape`)."""
-    a = _numpy(out)
-    if pair.kind == "GEGLU" and not is_input:  # transposed (inner, B*L)
-        a = a.T
-    elif pair.kind == "Conv2d" and len(shape) == 3:  # 1x1 conv output (B, C, L, 1) -> (B, L, C)
-        a = a.reshape(a.shape[0], a.shape[1], -1).transpose(0, 2, 1)
-    return np.ascontiguousarray(a.reshape(shape))
-
-
-def _numpy(out) -> np.ndarray:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return np.asarray(out.float().asnumpy() if hasattr(out, "asnumpy") else out, np.float32)
-
-
-def run_port_module(pair: ModulePair, module, recorded: Dict[str, np.ndarray]) -> np.ndarray:
-    """The port module's own output on the reference's inputs, in the reference's layout."""
-    out = module.forward(module, *port_inputs(pair, module, recorded))
-    return to_reference_layout(pair, out, recorded["out"].shape)
 
 
 # ---- what a reference module was called with -------------------------------------------------

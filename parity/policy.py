@@ -37,6 +37,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11: the same parser, published as tomli
     import tomli as tomllib
 
+from sdxl_common.dtypes import DTYPES
 from sdxl_common.errors import InputError
 
 from parity.metrics import METRIC_DIRECTIONS, TensorMetrics, format_bound, format_value
@@ -46,7 +47,6 @@ __all__ = ["DTYPES", "TORCH_TOLERANCES", "Bound", "Judgement", "Policy", "Policy
            "StagePolicy", "Verdict", "load_policy"]
 
 SCHEMA_VERSION = 1
-DTYPES: Tuple[str, ...] = ("float32", "float16", "bfloat16")
 # bounds a truth_ratio bound replaces when the recording holds the float64 truth
 TRUTH_REPLACES: Tuple[str, ...] = ("rel_l2", "mismatch_ratio")
 # torch.testing.assert_close defaults (rtol, atol).
@@ -150,6 +150,25 @@ class Policy:
             raise PolicyError(f"policy '{self.name}': [module_truth.{dtype}] has no bound for "
                               f"{kind!r} and no 'default'")
         return bound, table.get("truth_floor", 0.0)
+
+    def judge_module(self, kind: str, dtype: str, *, own: Optional[float] = None,
+                     truth_ratio: Optional[float] = None, raised: str = "") -> Judgement:
+        """Verdict of one module of `kind` run on the reference's recorded inputs: it raised
+        (broken there, whatever its numbers), else its truth ratio where `[module_truth.<dtype>]`
+        bounds it and the module has a truth, else its own rel L2 against `[module.<dtype>]`."""
+        if raised:
+            return Judgement(Verdict.FAIL, [f"raised {raised}"])
+        truth = self.module_truth_bound(kind, dtype)
+        if truth is not None and truth_ratio is not None:
+            bound = Bound("truth_ratio", "max", truth[0], truth[0])
+            value = truth_ratio
+        elif own is not None:
+            bound = Bound("rel_l2", "max", *(2 * [self.module_bound(kind, dtype)]))
+            value = own
+        else:
+            return Judgement(Verdict.PASS, [])  # nothing measured: no verdict to give
+        verdict, reason = bound.check(value)
+        return Judgement(verdict, [f"{reason} ({kind})"] if reason else [])
 
     def _get(self, stage: str, dtype: str) -> StagePolicy:
         if stage not in self.stages:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Optional
 
 from sdxl_common.errors import InputError
 
-from .contract import has_modules, signature_problems
+from .contract import signature_problems
+from .port_cells import has_cells
 from .recording import file_sha256
 
 BUILTIN = "sdxl_ms.pipeline:load_pipeline"
@@ -140,11 +141,18 @@ def load_port(spec: PortSpec, checkpoint: Path, dtype: str) -> Any:
     return port
 
 
+def own_description(port: Any) -> Dict[str, Any]:
+    """What the port says of itself (the contract's optional `describe()`), or nothing."""
+    own = port.describe() if callable(getattr(port, "describe", None)) else None
+    return own if isinstance(own, dict) else {}
+
+
 def describe(port: Any, spec: Optional[PortSpec]) -> Dict[str, Any]:
     """What the report says about the port that was checked."""
     cls = type(port)
     module = sys.modules.get(cls.__module__)
-    version = getattr(port, "version", None) or getattr(module, "__version__", None)
+    version = (own_description(port).get("version") or getattr(port, "version", None)
+               or getattr(module, "__version__", None))
     top = sys.modules.get(cls.__module__.partition(".")[0])
     version = version or getattr(top, "__version__", None)
     source = {}
@@ -153,8 +161,8 @@ def describe(port: Any, spec: Optional[PortSpec]) -> Dict[str, Any]:
                   "file_sha256": file_sha256(Path(spec.module))}
     return {"spec": str(spec) if spec else "an object passed to parity.runner.check",
             "class": f"{cls.__module__}.{cls.__qualname__}", "version": version, **source,
-            "modules": "own modules()" if has_modules(port) else
-            "none (the port offers no modules(): no localisation or module truths)",
+            "modules": "own cells()" if has_cells(port) else
+            "none (the port offers no cells(): no localisation or module truths)",
             "sampler": "own sample()" if hasattr(port, "sample")
             else "built-in sdxl_ms sampler (the port offers no sample())",
             "guide": "own guide()" if hasattr(port, "guide") else "the reference's CFG"}

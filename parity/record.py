@@ -7,20 +7,18 @@ fed to diffusers, so the port can be given the very same arrays.
 from __future__ import annotations
 
 import platform
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
 from sdxl_common.progress import bar as progress_bar
 
 from . import eta
-from .contract import ENCODE_OUTPUTS, cfg_batch, to_images
-from .eta import unet_calls_per_sampler
-from .recording import (Recording, RunSpec, call_key, checkpoint_sha256, conditioner_key,
-                        probe_key, sampler_key, tokens_key, truth_key)
-
-# schedulers whose latents live in another parametrisation than the port's variance-exploding x
-_VP_LATENTS = {"dpmpp_2m"}
+from .contract import to_images
+from .recording import (Recording, RunSpec, call_key, checkpoint_sha256, probe_key,
+                        sampler_key, tokens_key, truth_key)
+from .sampler_registry import sampler_entry, unet_calls_per_sampler
+from .stage_calls import (decode_calls, generation_encode, judged_encodes, unet_calls)
 
 
 def noise_for(spec: RunSpec, sampler_index: int, shape) -> Dict[str, np.ndarray]:
@@ -33,18 +31,14 @@ def noise_for(spec: RunSpec, sampler_index: int, shape) -> Dict[str, np.ndarray]
 
 def full_step_latents(sampler: str, callback_latents: List[np.ndarray], sigmas: np.ndarray,
                       steps: int) -> np.ndarray:
-    """Latents after each of the `steps` sampler steps, in the port's parametrisation.
-
-    Heun's diffusers loop runs 2n-1 scheduler steps: the corrected states sit at the odd
-    indices, the final Euler step last. DPM-Solver stores x / sqrt(1 + sigma^2).
-    """
-    lat = callback_latents
-    if sampler == "heun":
-        lat = [lat[i] for i in range(1, 2 * steps - 2, 2)] + [lat[-1]]
-    if len(lat) != steps:
-        raise RuntimeError(f"{sampler}: {len(lat)} recorded steps, expected {steps}")
-    out = np.stack(lat).astype(np.float32)
-    if sampler in _VP_LATENTS:
+    """Latents after each of the `steps` sampler steps, in the port's variance-exploding
+    parametrisation (see `SamplerEntry.full_step_indices` and `vp_latents`)."""
+    entry = sampler_entry(sampler)
+    if len(callback_latents) != entry.unet_calls(steps):
+        raise RuntimeError(f"{sampler}: {len(callback_latents)} recorded scheduler steps, "
+                           f"expected {entry.unet_calls(steps)} for {steps} steps")
+    out = np.stack([callback_latents[i] for i in entry.full_step_indices(steps)]).astype(np.float32)
+    if entry.vp_latents:
         after = np.asarray(sigmas[1:steps + 1], np.float64)
         out = (out * np.sqrt(1.0 + after ** 2).reshape(-1, 1, 1, 1, 1)).astype(np.float32)
     return out
@@ -64,13 +58,8 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
     for key, ids in ref.tokenize([spec.prompt, spec.cond_negative]).items():
         tensors[tokens_key(key)] = ids
     tick("conditioner")
-    for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
-        out = ref.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
-                                crops_coords_top_left=spec.cond_crop, target_size=(height, width))
-        tensors.update({conditioner_key(variant, k): v for k, v in out.items()})
-    out = ref.encode_prompt(spec.prompt, spec.negative_prompt, original_size=(height, width),
-                            target_size=(height, width))  # exactly what generation uses
-    tensors.update({conditioner_key("generation", k): v for k, v in out.items()})
+    for call in judged_encodes(spec, (height, width)) + [generation_encode(spec, (height, width))]:
+        tensors.update({call.key(k): v for k, v in call.run(ref).items()})
 
     shape = (1, 4, height // ref.pipe.vae_scale_factor, width // ref.pipe.vae_scale_factor)
     schedules = {}
@@ -151,25 +140,17 @@ def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
         truth = load_truth(checkpoint, rec.spec.dtype)
     spec, size = rec.spec, (rec.meta["height"], rec.meta["width"])
     tick("float64 truth: conditioner")
-    for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
-        out = truth.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
-                                  crops_coords_top_left=spec.cond_crop, target_size=size)
-        rec.tensors.update({truth_key(conditioner_key(variant, k)): v for k, v in out.items()})
-    batch = cfg_batch({k: rec.get(conditioner_key("generation", k)) for k in ENCODE_OUTPUTS})
+    for call in judged_encodes(spec, size):
+        rec.tensors.update({truth_key(call.key(k)): v for k, v in call.run(truth).items()})
     eta.set_cost(eta.TRUTH_COST)
-    for sampler in spec.samplers:
-        tick(f"float64 truth: UNet calls and decode of {sampler}")
-        for k in range(rec.unet_calls(sampler)):
-            rec.tensors[truth_key(call_key(sampler, k, "eps"))] = truth.unet(
-                rec.get(call_key(sampler, k, "x_in")), rec.get(call_key(sampler, k, "timestep")),
-                **batch)
-            eta.unet_done()
-        rec.tensors[truth_key(sampler_key(sampler, "decoded"))] = truth.decode(
-            rec.get(sampler_key(sampler, "latents"))[-1])
+    tick("float64 truth: UNet calls")
+    for call in unet_calls(rec):
+        rec.tensors[truth_key(call.key("eps"))] = call.run(truth, rec)
+        eta.unet_done()
+    for call in decode_calls(rec):
+        tick(f"float64 truth: decode ({call.name})")
+        rec.tensors[truth_key(call.key)] = call.run(truth, rec)
         eta.decode_done()
-    tick("float64 truth: decode probe")
-    rec.tensors[truth_key(probe_key("decoded"))] = truth.decode(rec.get(probe_key("latents")))
-    eta.decode_done()
     eta.set_cost(1.0)
     rec.meta["truth"] = {"dtype": "float64", "device": str(truth.device),
                          "stages": ["conditioner", "unet", "decode"]}

@@ -106,24 +106,9 @@ class RunSpec:
 
     def validate(self) -> None:
         """Everything this spec needs to be recorded and checked, before anything loads."""
-        from sdxl_ms.config import get_preset
-        from sdxl_ms.pipeline import check_generation_args, check_guidance
-        from sdxl_common.validate import check_existing
+        from .run_settings import check_run
 
-        from .schedulers import diffusers_scheduler_spec
-
-        get_preset(self.preset)
-        if not self.samplers:
-            raise InputError("--sampler names no sampler")
-        for s in self.samplers:
-            diffusers_scheduler_spec(s, self.schedule)  # known, and comparable with diffusers
-        check_generation_args(self.height or 8, self.width or 8, self.steps, "np")
-        check_guidance(self.guidance)
-        if self.guidance <= 1:
-            raise InputError(f"guidance must be > 1 for a parity run, got {self.guidance:g}: at "
-                             "<= 1 diffusers skips the unconditional pass the stages compare")
-        if self.checkpoint:
-            check_existing(self.checkpoint, "checkpoint")
+        check_run(self)
 
     def checkpoint_source(self) -> str:
         return self.checkpoint or f"seeded:{self.preset}:{self.checkpoint_seed}"

@@ -13,9 +13,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from sdxl_common.dtypes import DTYPES, TRUTH_DTYPE
 from sdxl_common.errors import MissingExtraError
 
-TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: the truth
+TORCH_DTYPES = DTYPES + (TRUTH_DTYPE,)
 
 
 def require_reference(what: str = "the reference (diffusers)") -> None:

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sdxl_common.progress import bar as progress_bar
 
-from . import eta
+from . import eta, framework
 from .policy import Policy, load_policy
 from .recording import Recording, RunSpec, resolve_checkpoint
 from .guard import PortError, PortGuard
 from .isolated import peak_rss_bytes
-from .contract import has_modules
-from .ports import BUILTIN, PortSpec, describe, load_port
+from .port_cells import has_cells
+from .ports import BUILTIN, PortSpec, describe, load_port, own_description
 from .results import ParityReport, StageResult, Verdict
 from .stages import STAGE_FUNCTIONS, STAGES, StageContext
 
@@ -42,7 +41,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     ckpt = resolve_checkpoint(spec, checkpoint, rec.meta.get("checkpoint_generator_version"))
-    devices = {"port": port_device(), "reference": reference_device(rec)}
+    devices = {"port": framework.port_device(), "reference": reference_device(rec)}
     policy = policy.for_devices(devices["port"], devices["reference"])
     policy.check_covers([s for s in stages], spec.dtype)
     out_dir = Path(out_dir)
@@ -52,7 +51,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
             port_spec = port_spec or PortSpec.parse(BUILTIN)
             log(f"loading the port ({port_spec}) from {ckpt}")
             port = load_port(port_spec, ckpt, spec.dtype)
-        if locate and has_modules(port):
+        if locate and has_cells(port):
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,
                            fail_fast, junit_xml, log, command, locate, reference_process,
@@ -112,8 +111,8 @@ def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fa
         "policy_source": policy.source, "dtype": spec.dtype, "checkpoint": str(ckpt),
         "recording": str(rec.path) if rec.path else None,
         "reference": rec.meta.get("reference", {}),
-        "port": {**describe(port, port_spec), **port_versions()},
-        "execution": execution_summary(),
+        "port": {**describe(port, port_spec), **framework.versions()},
+        "execution": {**framework.execution(), **own_description(port).get("execution", {})},
         "devices": {**devices, "policy_keys": list(policy.context)},
         "schedules": {k: v.get("timesteps") for k, v in rec.schedules.items()},
         "stage_seconds": timings,
@@ -180,9 +179,9 @@ def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
     if result.verdict in (Verdict.SKIP, Verdict.ERROR) or not has_module_truths(rec, result.name):
         return result
     port = ctx.port.unwrapped
-    if not has_modules(port):
+    if not has_cells(port):
         result.notes.append("per-module truths recorded but not judged: the port offers no "
-                            "modules() (parity/contract.py) whose modules can be run")
+                            "cells() (parity/contract.py) whose modules can be run")
         return result
     if not (policy.module_truths or {}).get(dtype):
         result.notes.append(f"per-module truths recorded but not judged: policy "
@@ -233,7 +232,7 @@ def compile_dumps_in(folder: Path):
             os.environ["MS_OM_PATH"] = before
 
 
-NO_MODULES_NOTE = ("--locate: this port offers no modules() (parity/contract.py), so no module "
+NO_MODULES_NOTE = ("--locate: this port offers no cells() (parity/contract.py), so no module "
                    "can be named; the stage verdicts stand")
 
 
@@ -248,7 +247,7 @@ def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckp
         stage.notes.append(f"--locate: stage '{stage.name}' has no modules to compare "
                            f"(localisable: {', '.join(LOCATABLE_STAGES)})")
         return []
-    if not has_modules(port):
+    if not has_cells(port):
         stage.notes.append(NO_MODULES_NOTE)
         log(NO_MODULES_NOTE)
         return []
@@ -276,7 +275,9 @@ def _nothing_named(rec: Recording, port, ckpt: Path, loc, log: Callable[[str], N
     if rec.recorded_on(ckpt, weights):
         return why
     log(f"comparing the port's weights with the golden's ({weights})")
-    found = differing_weights(port.modules(), weights)
+    from .port_cells import PortCells
+
+    found = differing_weights(PortCells(port), weights)
     if not found:
         return (f"{why}; the port's checkpoint {ckpt} is another file than the golden's "
                 f"weights ({weights}), but every tensor the port holds equals them")
@@ -316,35 +317,9 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         eta.start(None)
 
 
-def port_versions() -> Dict[str, str]:
-    """The versions the port ran with."""
-    import mindspore
-    import numpy
-
-    import sdxl_ms
-
-    return {"sdxl_ms": sdxl_ms.__version__, "mindspore": mindspore.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-def port_device() -> str:
-    """The port's device as policies key it: cpu, cuda or ascend."""
-    import mindspore as ms
-
-    target = str(ms.get_context("device_target")).lower()
-    return {"gpu": "cuda"}.get(target, target)
-
-
 def reference_device(rec: Recording) -> str:
     """The device the golden's reference ran on (cpu, cuda, ...), from its versions."""
     return str(rec.meta.get("reference", {}).get("device", "cpu")).split(":")[0].lower()
-
-
-def execution_summary() -> Dict:
-    """The port's device target and execution mode as resolved (graph mode, kernel threads)."""
-    from sdxl_ms.backend import settings
-
-    return settings.summary()
 
 
 def command_line() -> str:

@@ -17,9 +17,9 @@ from .contract import (ENCODE_OUTPUTS, STAGES, TOKENIZE_OUTPUTS, SamplerRun, cfg
                        to_images)
 from .metrics import compare, compare_exact, image_metrics
 from .policy import Policy
-from .recording import (Recording, call_key, conditioner_key, probe_key, sampler_key,
-                        tokens_key)
+from .recording import Recording, sampler_key, tokens_key
 from .results import StageResult, TensorResult
+from .stage_calls import (decode_calls, generation_encode, judged_encodes, unet_calls)
 
 __all__ = ["STAGES", "STAGE_FUNCTIONS", "StageContext", "sampler_run"]
 
@@ -91,10 +91,10 @@ def run_port_sampler(ctx: StageContext, stage: str, sampler: str, eps) -> List[n
     if hasattr(ctx.port, "sample"):
         ctx.port.sample(run, eps, collect)
     else:
-        from sdxl_ms.pipeline import sample_with_builtin_sampler
+        from .builtin_port import builtin_sample
 
         ctx.note(stage, "the port offers no sample(): the built-in sdxl_ms sampler was used")
-        sample_with_builtin_sampler(run, eps, collect)
+        builtin_sample(run, eps, collect)
     return latents
 
 
@@ -112,44 +112,34 @@ def stage_tokens(ctx: StageContext) -> StageResult:
 
 
 def stage_conditioner(ctx: StageContext) -> StageResult:
-    spec = ctx.rec.spec
     tensors = []
-    for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative)):
-        got = ctx.port.encode_prompt(spec.prompt, negative, original_size=spec.cond_original_size,
-                                     crops_coords_top_left=spec.cond_crop, target_size=ctx.size)
+    for call in judged_encodes(ctx.rec.spec, ctx.size):
+        got = call.run(ctx.port)
         for key in ENCODE_OUTPUTS:
-            want = ctx.rec.get(conditioner_key(variant, key))
+            want = ctx.rec.get(call.key(key))
+            name = f"{call.variant}/{key}"
             if not np.any(want):  # zeroed negatives: exactly zero, judged like ids (exact)
                 m = compare_exact(want, got[key])
-                tensors.append(ctx.policy.tensor_result("tokens", ctx.dtype, f"{variant}/{key}", m))
+                tensors.append(ctx.policy.tensor_result("tokens", ctx.dtype, name, m))
             else:
-                tensors.append(ctx.judge("conditioner", f"{variant}/{key}", want, got[key],
-                                         truth=ctx.rec.truth(conditioner_key(variant, key))))
+                tensors.append(ctx.judge("conditioner", name, want, got[key],
+                                         truth=ctx.rec.truth(call.key(key))))
     return ctx.result("conditioner", tensors)
 
 
-def _generation_batch(ctx: StageContext) -> Dict[str, np.ndarray]:
-    """The reference's conditioning for generation as the UNet's CFG batch."""
-    return cfg_batch({key: ctx.rec.get(conditioner_key("generation", key))
-                      for key in ENCODE_OUTPUTS})
-
-
 def stage_unet(ctx: StageContext) -> StageResult:
-    batch = _generation_batch(ctx)
     scale = ctx.rec.spec.guidance
     tensors = []
-    for sampler in ctx.rec.spec.samplers:
-        for k in range(ctx.rec.unet_calls(sampler)):
-            want = ctx.rec.get(call_key(sampler, k, "eps"))
-            truth = ctx.rec.truth(call_key(sampler, k, "eps"))
-            got = ctx.port.unet(ctx.rec.get(call_key(sampler, k, "x_in")),
-                                ctx.rec.get(call_key(sampler, k, "timestep")), **batch)
-            for name, w, g, t in (
-                    ("eps_uncond", want[:1], got[:1], None if truth is None else truth[:1]),
-                    ("eps_cond", want[1:], got[1:], None if truth is None else truth[1:]),
-                    ("eps_guided", guide(want, scale), port_guide(ctx, "unet", got, scale),
-                     None if truth is None else guide(truth, scale))):
-                tensors.append(ctx.judge("unet", f"{sampler}/{name}", w, g, step=k, truth=t))
+    for call in unet_calls(ctx.rec):
+        want, truth = ctx.rec.get(call.key("eps")), ctx.rec.truth(call.key("eps"))
+        got = call.run(ctx.port, ctx.rec)
+        for name, w, g, t in (
+                ("eps_uncond", want[:1], got[:1], None if truth is None else truth[:1]),
+                ("eps_cond", want[1:], got[1:], None if truth is None else truth[1:]),
+                ("eps_guided", guide(want, scale), port_guide(ctx, "unet", got, scale),
+                 None if truth is None else guide(truth, scale))):
+            tensors.append(ctx.judge("unet", f"{call.sampler}/{name}", w, g, step=call.k,
+                                     truth=t))
     return ctx.result("unet", tensors)
 
 
@@ -164,21 +154,21 @@ def _replay(ctx: StageContext, sampler: str, passed: PassedInputs):
     """An `eps` that answers the k-th call with the reference's recorded UNet output and keeps
     what the port's sampler passed in (its x_in and t), to compare with the reference's
     recorded UNet inputs of that call."""
-    calls = iter(range(ctx.rec.unet_calls(sampler)))
+    calls = iter(unet_calls(ctx.rec, sampler))
 
     def eps(x_in, t):
-        k = next(calls, None)
-        if k is None:
+        call = next(calls, None)
+        if call is None:
             raise RuntimeError(f"{sampler}: the port's sampler asked for more UNet calls than "
                                "the reference made")
-        want = ctx.rec.get(call_key(sampler, k, "x_in"))
+        want = ctx.rec.get(call.key("x_in"))
         got = np.array(x_in, np.float32)
         if got.shape != want.shape:
             raise RuntimeError(f"{sampler}: the port's sampler passed x_in of shape "
-                               f"{got.shape} at UNet call {k}; the reference's UNet got "
+                               f"{got.shape} at UNet call {call.k}; the reference's UNet got "
                                f"{want.shape} (the CFG batch, uncond first)")
         passed.calls.append((got, np.asarray(t, np.float32).reshape(-1)[:1]))
-        return ctx.rec.get(call_key(sampler, k, "eps"))
+        return ctx.rec.get(call.key("eps"))
 
     return eps
 
@@ -195,11 +185,11 @@ def stage_sampler(ctx: StageContext) -> StageResult:
         want = ctx.rec.get(sampler_key(sampler, "latents"))
         if len(got) != len(want):
             raise RuntimeError(f"{sampler}: the port ran {len(got)} steps, the reference {len(want)}")
-        for k, (x_in, t) in enumerate(passed.calls):
-            tensors += [ctx.judge("sampler", f"{sampler}/x_in",
-                                  ctx.rec.get(call_key(sampler, k, "x_in")), x_in, step=k),
+        for call, (x_in, t) in zip(unet_calls(ctx.rec, sampler), passed.calls):
+            tensors += [ctx.judge("sampler", f"{sampler}/x_in", ctx.rec.get(call.key("x_in")),
+                                  x_in, step=call.k),
                         ctx.judge("sampler", f"{sampler}/timestep",
-                                  ctx.rec.get(call_key(sampler, k, "timestep")), t, step=k)]
+                                  ctx.rec.get(call.key("timestep")), t, step=call.k)]
         tensors += [ctx.judge("sampler", f"{sampler}/latents", w, g, step=i)
                     for i, (w, g) in enumerate(zip(want, got))]
     return ctx.result("sampler", tensors)
@@ -209,10 +199,7 @@ def stage_trajectory(ctx: StageContext) -> StageResult:
     """The port's own loop from the same noise: its conditioning, UNet and sampler; its final
     latents decoded feed the image stage."""
     spec = ctx.rec.spec
-    height, width = ctx.size
-    cond = ctx.port.encode_prompt(spec.prompt, spec.negative_prompt, original_size=(height, width),
-                                  crops_coords_top_left=(0, 0), target_size=(height, width))
-    batch = cfg_batch(cond)
+    batch = cfg_batch(generation_encode(spec, ctx.size).run(ctx.port))
 
     def eps(x_in, t):
         return ctx.port.unet(x_in, t, **batch)
@@ -228,17 +215,10 @@ def stage_trajectory(ctx: StageContext) -> StageResult:
 
 
 def stage_decode(ctx: StageContext) -> StageResult:
-    tensors = []
-    for sampler in ctx.rec.spec.samplers:
-        # teacher-forced: the reference's final latents are the last recorded step
-        final = ctx.rec.get(sampler_key(sampler, "latents"))[-1]
-        tensors.append(ctx.judge("decode", f"{sampler}/decoded",
-                                 ctx.rec.get(sampler_key(sampler, "decoded")),
-                                 ctx.port.decode(final),
-                                 truth=ctx.rec.truth(sampler_key(sampler, "decoded"))))
-    tensors.append(ctx.judge("decode", "probe/decoded", ctx.rec.get(probe_key("decoded")),
-                             ctx.port.decode(ctx.rec.get(probe_key("latents"))),
-                             truth=ctx.rec.truth(probe_key("decoded"))))
+    """Teacher-forced: each sampler's final recorded latents, and the probe."""
+    tensors = [ctx.judge("decode", f"{call.name}/decoded", ctx.rec.get(call.key),
+                         call.run(ctx.port, ctx.rec), truth=ctx.rec.truth(call.key))
+               for call in decode_calls(ctx.rec)]
     return ctx.result(
         "decode", tensors,
         notes=["probe: a 0.1-amplitude latent, where normalisation epsilons are not negligible"])

@@ -19,16 +19,21 @@ from .metrics import rel_l2
 DIFFERS_ABOVE = 1e-6
 
 
-def differing_weights(access, golden_weights: Path) -> List[Tuple[str, float]]:
+def differing_weights(cells, golden_weights: Path) -> List[Tuple[str, float]]:
     """(sgm name, rel_l2 of the port's tensor against the golden's) for every port parameter
-    that differs, in the port's parameter order; `access` is the port's `PortModules`."""
+    that differs, in the port's parameter order; `cells` is the port's
+    (`port_cells.PortCells`)."""
     from sdxl_ms.weights.checkpoint import open_checkpoint
     from sdxl_ms.weights.loader import sgm_tensors
     from sdxl_ms.weights.mindspore_ckpt import canonical_name
 
-    port = {canonical_name(n): p for n, p in access.root.parameters_and_names()}
+    from .module_pairs import layout_config
+
+    port = {canonical_name(n): p for stage in ("conditioner", "unet", "decode")
+            for n, p in cells.parameters(stage)}
     found = []
-    for name, want in sgm_tensors(open_checkpoint(Path(golden_weights)), access.config, port):
+    for name, want in sgm_tensors(open_checkpoint(Path(golden_weights)),
+                                  layout_config(golden_weights), port):
         held = port.get(name)
         if held is None:
             continue

@@ -89,6 +89,24 @@ def check_finite_number(value: float, name: str, minimum: float = -math.inf) -> 
     return value
 
 
+def check_size(height: int, width: int, factor: int = 8) -> None:
+    """An image size both SDXL pipelines can generate: the VAE scales by `factor`."""
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % factor:
+            raise InputError(f"{name} must be a positive multiple of {factor}, got {size}")
+
+
+def check_steps(steps: int) -> int:
+    if int(steps) < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    return steps
+
+
+def check_guidance(scale: float) -> float:
+    """A classifier-free guidance scale: finite and >= 0 (<= 1 runs the conditional pass alone)."""
+    return check_finite_number(scale, "guidance", minimum=0.0)
+
+
 def check_choice(value: str, choices: Sequence[str], what: str) -> str:
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")

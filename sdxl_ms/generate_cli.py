@@ -16,6 +16,8 @@ DEFAULT_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
 
 def add_generate_parser(sub, parents=()) -> None:
+    from sdxl_common.dtypes import DTYPES
+
     from .sampling import SAMPLERS
     from .sampling.discretization import SCHEDULES
 
@@ -35,7 +37,7 @@ def add_generate_parser(sub, parents=()) -> None:
     g.add_argument("--height", type=int, default=None, help="default: the preset's native size")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
     g.add_argument("--out", default="sdxl.png", help="a .png file, or a folder for several images")
     g.set_defaults(func=cmd_generate)
 
@@ -86,7 +88,9 @@ def png_bytes(image, text: dict) -> bytes:
 
 def cmd_generate(args) -> int:
     from sdxl_common.atomic import atomic_write_bytes
-    from .pipeline import load_pipeline, to_uint8
+    from sdxl_common.images import to_uint8
+
+    from .pipeline import load_pipeline
     from .weights.synthetic import cached_checkpoint
 
     prompts = [p for p in validate(args) for _ in range(args.num_images)]

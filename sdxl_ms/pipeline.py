@@ -5,6 +5,7 @@ semantics as `parity.reference.ReferencePipeline`, so parity suites drive both s
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -12,12 +13,16 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from .backend import init_runtime
-from .config import SDXLConfig, get_preset
 from sdxl_common.errors import InputError
+from sdxl_common.images import to_uint8
 from sdxl_common.progress import bar as progress_bar
 from sdxl_common.validate import check_choice, check_finite_number
+
+from .backend import init_runtime, settings
+from .config import SDXLConfig, get_preset
 from .models.sdxl import SDXL, build_sdxl
+from .nn.module import submodule
+from .nn.precision import cast
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -120,20 +125,39 @@ class SDXLPipeline:
             from .weights.state import set_weights
 
             with no_init_parameters():
-                upcast = AutoencoderKL(vae.cfg, ms.float32)
+                upcast = AutoencoderKL(vae.cfg)  # built in float32
             set_weights(upcast, ((n, p.asnumpy().astype(np.float32))
                                  for n, p in vae.parameters_and_names()))
             upcast.set_train(False)
             self._vae_float32 = upcast
         return upcast
 
-    def modules(self):
-        """The port's module access for the parity harness (`parity.contract.PortModules`):
-        the sgm module tree, its config, the module that computes at each path, and the free
-        run of a stage's networks."""
-        from .module_access import ModuleAccess
+    def cells(self) -> Dict[str, List[Tuple[str, object]]]:
+        """The networks of each stage at their sgm paths, for the parity harness's module-level
+        work (`parity.contract.CellContract`); the VAE is the one that decodes."""
+        embedders = submodule(self.model, "conditioner.embedders")
+        return {"conditioner": [(f"conditioner.embedders.{i}", submodule(embedders, str(i)))
+                                for i in range(2)],
+                "unet": [("model.diffusion_model", self.model.model.diffusion_model)],
+                "decode": [("first_stage_model", self.decoding_vae())]}
 
-        return ModuleAccess(self)
+    @contextlib.contextmanager
+    def eager(self):
+        """PyNative, no graph units, for as long as it lasts: every module's own call runs,
+        so the harness's hooks see it."""
+        before = settings.jit
+        settings.set_jit("off")
+        try:
+            yield
+        finally:
+            settings.set_jit(before)
+
+    def describe(self) -> Dict[str, object]:
+        """What a parity report records about this port: its version and how it executes
+        (which parts are compiled, kernel threads, the oneDNN ISA cap)."""
+        from importlib import metadata
+
+        return {"version": metadata.version("sdxl-parity"), "execution": settings.summary()}
 
     def guide(self, eps: np.ndarray, scale: float) -> np.ndarray:
         """Classifier-free guidance of an uncond-first eps batch (the sampler's own CFG)."""
@@ -252,11 +276,6 @@ def check_guidance(scale: float) -> float:
     return check_finite_number(scale, "guidance", minimum=0.0)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0,1] float images -> uint8, rounding as diffusers does (x255, not the tutorial's 225)."""
-    return (np.asarray(images) * 255).round().astype(np.uint8)
-
-
 def to_pil(images: np.ndarray):
     from PIL import Image
 
@@ -287,7 +306,7 @@ def load_pipeline(path: Union[str, Path], dtype: str = "float32") -> SDXLPipelin
     init_runtime()
     ckpt = open_checkpoint(Path(path))
     cfg = infer_preset(ckpt)
-    model = build_sdxl(cfg, resolve_dtype(dtype))
+    model = cast(build_sdxl(cfg), resolve_dtype(dtype))
     load_weights(model, ckpt)
     return SDXLPipeline(model, source=str(path))
 
@@ -298,6 +317,6 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, dtype: str = "float32")
     from .weights.state import randomize
 
     init_runtime()
-    model = build_sdxl(get_preset(preset), resolve_dtype(dtype))
+    model = cast(build_sdxl(get_preset(preset)), resolve_dtype(dtype))
     randomize(model, seed)
     return SDXLPipeline(model, source=f"random:{preset}:{seed}")

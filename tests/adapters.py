@@ -118,7 +118,7 @@ class HalfStepSamplerPort(OwnLoopPort):
 
 
 def raising_cross_attention(checkpoint, dtype):
-    """The built-in port (its modules() included) with one transformer block's cross-attention
+    """The built-in port (its cells() included) with one transformer block's cross-attention
     given no context: its keys come from x, whose width is not the context's, so the MatMul
     raises (a ValueError from MindSpore) in the stage and in localisation alike."""
     import types

@@ -245,7 +245,7 @@ def test_report_says_what_ran(tmp_path, capsys):
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert meta["command"] == ("sdxl-parity check --golden " + str(GOLDEN) + " --out " + str(out)
                                + " --quiet --stages tokens,conditioner")
-    assert meta["execution"] == {"device_target": "CPU", "jit": "off",
+    assert meta["execution"] == {"device_target": "CPU", "mode": "pynative", "jit": "off",
                                  "threads": len(os.sched_getaffinity(0)),
                                  "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     assert meta["execution"]["onednn_max_cpu_isa"]  # the port's runtime caps it (or the user)

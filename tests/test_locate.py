@@ -196,6 +196,27 @@ def test_locate_runs_from_the_golden_without_torch(tmp_path):
     assert "module table" in (out / "index.html").read_text()
 
 
+def test_locate_leaves_nothing_in_the_temp_folder(tmp_path):
+    """A live capture (the default golden has no module capture) writes the reference's module
+    tensors to a temporary folder of its own, and torch's import makes a cache folder there:
+    neither may stay behind."""
+    import os
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "loc"
+    env = {**os.environ, "TMPDIR": str(temp)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", "locate", "--golden",
+                           str(REPO_ROOT / "fixtures" / "golden" / "tiny-default"),
+                           "--stage", "decode", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "modules compared: decode" in proc.stdout
+    assert sorted(p.name for p in temp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loc", "tmp"]
+
+
 def test_check_locate_names_the_module_in_the_headline_and_report(setup, tmp_path, monkeypatch):
     from parity.runner import check
 

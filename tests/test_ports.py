@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from parity.contract import (SamplingContract, StageContract, output_problems,
-                             signature_problems)
+from contract_conformance import ContractConformance, SamplingConformance
+from parity.contract import SamplingContract, output_problems, signature_problems
 
 GOLDEN = REPO_ROOT / "fixtures" / "golden" / "tiny-default"
 ADAPTERS = str(REPO_ROOT / "tests" / "adapters.py")
@@ -25,12 +25,16 @@ def sides(tiny_checkpoints):
             "reference": load_reference(tiny_checkpoints["diffusers"])}
 
 
-@pytest.mark.parametrize("side", ["port", "reference"])
-def test_both_sides_conform_to_the_contract(sides, side):
-    obj = sides[side]
-    assert isinstance(obj, StageContract)
-    assert signature_problems(obj) == []
-    assert output_problems(obj) == []
+class TestBuiltinPortConforms(ContractConformance, SamplingConformance):
+    @pytest.fixture
+    def port(self, sides):
+        return sides["port"]
+
+
+class TestReferenceConforms(ContractConformance):
+    @pytest.fixture
+    def port(self, sides):
+        return sides["reference"]
 
 
 def test_the_builtin_port_offers_its_own_sampler(sides):

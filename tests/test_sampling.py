@@ -12,6 +12,8 @@ import pytest
 import torch
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
+from parity.record import full_step_latents
+from parity.sampler_registry import unet_calls_per_sampler
 from parity.schedulers import (DIFFUSERS_SCHEDULERS, diffusers_scheduler_config,
                                diffusers_scheduler_spec)
 from sdxl_ms.sampling import (SAMPLERS, Denoiser, GivenNoise, GuidedDenoiser, IdentityGuider,
@@ -62,8 +64,9 @@ def draws(n, seed=0):
     return initial, [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(n)]
 
 
-def run_diffusers(scheduler, initial, per_step, monkeypatch, step_kwargs=None):
-    """The SDXL pipeline's denoising loop on the fake network."""
+def run_diffusers(scheduler, initial, per_step, monkeypatch, step_kwargs=None, on_step=None):
+    """The SDXL pipeline's denoising loop on the fake network; `on_step` gets the latents after
+    every scheduler step, as the pipeline's step callback does."""
     rec = Recorder()
     queue = [torch.from_numpy(a) for a in per_step]
 
@@ -79,14 +82,16 @@ def run_diffusers(scheduler, initial, per_step, monkeypatch, step_kwargs=None):
         eps_u, eps_c = rec.torch(model_in, t, cond).chunk(2)
         eps = eps_u + GUIDANCE * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents, **(step_kwargs or {}), return_dict=False)[0]
+        if on_step:
+            on_step(latents.numpy())
     return latents.numpy(), rec.timesteps
 
 
-def run_port(plan, initial, per_step, guide="eps"):
+def run_port(plan, initial, per_step, guide="eps", callback=None):
     rec = Recorder()
     denoise = GuidedDenoiser(rec.numpy, Denoiser.for_schedule(plan.schedule), VanillaCFG(GUIDANCE, guide),
                              cond=COND, uncond=UNCOND)
-    return plan(denoise, GivenNoise(initial, per_step), SHAPE), rec.timesteps
+    return plan(denoise, GivenNoise(initial, per_step), SHAPE, callback), rec.timesteps
 
 
 def diffusers_scheduler(name, schedule, **spec_kwargs):
@@ -129,6 +134,23 @@ def test_matches_diffusers(name, schedule, n, monkeypatch):
         expected_init = float(scheduler.init_noise_sigma)
     assert float(plan.schedule.init_noise_sigma) == pytest.approx(expected_init, rel=1e-6)
     assert rel_diff(out, ref) <= REL_TOL, rel_diff(out, ref)
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_SCHEDULERS))
+def test_recorded_step_latents_are_the_ports(name, monkeypatch):
+    """The registry's step facts as `record` applies them (`full_step_latents`): which step
+    callbacks are whole steps, in which parametrisation, and how many UNet calls."""
+    n = 4
+    initial, per_step = draws(n)
+    scheduler = diffusers_scheduler(name, "leading")
+    scheduler.set_timesteps(n)
+    steps, ours = [], []
+    _, ref_t = run_diffusers(scheduler, initial, per_step, monkeypatch, on_step=steps.append)
+    _, our_t = run_port(make_sampler(name, n), initial, per_step,
+                        callback=lambda i, x, denoised: ours.append(x))
+    assert len(ref_t) == len(our_t) == unet_calls_per_sampler(name, n)
+    recorded = full_step_latents(name, steps, scheduler.sigmas.numpy(), n)
+    assert rel_diff(recorded, np.stack(ours)) <= REL_TOL
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m"])

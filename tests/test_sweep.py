@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from parity.cli import main
-from parity.sweep.spec import load_sweep, parse_sweep
+from parity.sweep.sweep_file import load_sweep, parse_sweep
 from sdxl_common.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

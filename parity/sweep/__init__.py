@@ -2,10 +2,11 @@
 x guidance x dtypes x sizes), each recorded and checked in worker processes, on a local pool or
 a Ray cluster, with one combined report.
 
-`spec` reads the sweep file into cases, `cases` holds what a worker does for one case,
-`executors` where the workers run, `report` the combined report; `run_sweep` here ties them
-together. A sweep folder is resumable: every finished case leaves `cases/<id>/case.json`
-(written atomically, last), and a rerun skips each case whose case.json holds the same spec.
+`sweep_file` reads and validates the sweep file, `matrix` expands it into cases, `cases` holds
+what a worker does for one case, `executors` where the workers run, `report` the combined
+report; `run_sweep` here ties them together. A sweep folder is resumable: every finished case
+leaves `cases/<id>/case.json` (written atomically, last), and a rerun skips each case whose
+case.json holds the same spec.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from sdxl_common.progress import bar as progress_bar
 from . import report
 from .cases import CASE_JSON, CaseTask, attempts, read_case, reset_starts
 from .executors import checkpoint_bytes, make_executor, plan_workers
-from .spec import Sweep, load_sweep
+from .matrix import Sweep
+from .sweep_file import load_sweep
 
 __all__ = ["SweepOptions", "SweepResult", "load_sweep", "run_sweep"]
 

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from sdxl_common.errors import MissingExtraError
 
 from .cases import CaseTask, check_step, record_step, starts
-from .spec import Resources, SweepError
+from .matrix import Resources, SweepError
 
 Finish = Callable[[CaseTask, Dict], None]
 GiB = 2 ** 30

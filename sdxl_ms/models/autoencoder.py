@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import List
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VAEConfig
@@ -23,13 +22,13 @@ class ResnetBlock(Module):
 
     graph_unit = True
 
-    def __init__(self, cfg: VAEConfig, in_channels: int, out_channels: int, dtype):
+    def __init__(self, cfg: VAEConfig, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = GroupNorm(cfg.norm_groups, in_channels, GROUPNORM_EPS, dtype)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype)
-        self.norm2 = GroupNorm(cfg.norm_groups, out_channels, GROUPNORM_EPS, dtype)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)
-        self.nin_shortcut = (Conv2d(in_channels, out_channels, 1, dtype=dtype)
+        self.norm1 = GroupNorm(cfg.norm_groups, in_channels, GROUPNORM_EPS)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(cfg.norm_groups, out_channels, GROUPNORM_EPS)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = (Conv2d(in_channels, out_channels, 1)
                              if in_channels != out_channels else None)
 
     def forward(self, p, x):
@@ -47,13 +46,13 @@ class AttnBlock(Module):
 
     graph_unit = True
 
-    def __init__(self, cfg: VAEConfig, channels: int, dtype):
+    def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
-        self.norm = GroupNorm(cfg.norm_groups, channels, GROUPNORM_EPS, dtype)
-        self.q = Conv2d(channels, channels, 1, dtype=dtype)
-        self.k = Conv2d(channels, channels, 1, dtype=dtype)
-        self.v = Conv2d(channels, channels, 1, dtype=dtype)
-        self.proj_out = Conv2d(channels, channels, 1, dtype=dtype)
+        self.norm = GroupNorm(cfg.norm_groups, channels, GROUPNORM_EPS)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, p, x):
         b, c, h, w = x.shape
@@ -68,9 +67,9 @@ class AttnBlock(Module):
 class Downsample(Module):
     """Pad right/bottom by one, then a stride-2 3x3 conv without padding (ldm's asymmetric pad)."""
 
-    def __init__(self, channels: int, dtype):
+    def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, dtype=dtype)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, p, x):
         return self.conv(p, ops.pad(x, (0, 1, 0, 1)))
@@ -95,11 +94,11 @@ class Level(Module):
 
 
 class MidBlock(Module):
-    def __init__(self, cfg: VAEConfig, channels: int, dtype):
+    def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
-        self.block_1 = ResnetBlock(cfg, channels, channels, dtype)
-        self.attn_1 = AttnBlock(cfg, channels, dtype)
-        self.block_2 = ResnetBlock(cfg, channels, channels, dtype)
+        self.block_1 = ResnetBlock(cfg, channels, channels)
+        self.attn_1 = AttnBlock(cfg, channels)
+        self.block_2 = ResnetBlock(cfg, channels, channels)
 
     def forward(self, p, x):
         x = self.block_1(p, x)
@@ -110,24 +109,24 @@ class MidBlock(Module):
 class Encoder(Module):
     """Image (B, 3, H, W) -> moments (B, 2*z, H/f, W/f) before `quant_conv`."""
 
-    def __init__(self, cfg: VAEConfig, dtype):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         n = len(cfg.ch_mult)
-        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1, dtype=dtype)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         levels, block_in = [], cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
             block_out = cfg.ch * mult
-            blocks = [ResnetBlock(cfg, block_in if j == 0 else block_out, block_out, dtype)
+            blocks = [ResnetBlock(cfg, block_in if j == 0 else block_out, block_out)
                       for j in range(cfg.num_res_blocks)]
             block_in = block_out
             if i != n - 1:
-                levels.append(Level(blocks, "downsample", Downsample(block_in, dtype)))
+                levels.append(Level(blocks, "downsample", Downsample(block_in)))
             else:
                 levels.append(Level(blocks))
         self.down = nn.CellList(levels)
-        self.mid = MidBlock(cfg, block_in, dtype)
-        self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS, dtype)
-        self.conv_out = Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1, dtype=dtype)
+        self.mid = MidBlock(cfg, block_in)
+        self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS)
+        self.conv_out = Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, p, x):
         h = self.conv_in(p, x)
@@ -140,24 +139,24 @@ class Encoder(Module):
 class Decoder(Module):
     """Latent (B, z, h, w) -> image (B, 3, h*f, w*f). `up[i]` is level i, run from the deepest."""
 
-    def __init__(self, cfg: VAEConfig, dtype):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = Conv2d(cfg.z_channels, block_in, 3, padding=1, dtype=dtype)
-        self.mid = MidBlock(cfg, block_in, dtype)
+        self.conv_in = Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = MidBlock(cfg, block_in)
         levels = []
         for i in reversed(range(len(cfg.ch_mult))):
             block_out = cfg.ch * cfg.ch_mult[i]
-            blocks = [ResnetBlock(cfg, block_in if j == 0 else block_out, block_out, dtype)
+            blocks = [ResnetBlock(cfg, block_in if j == 0 else block_out, block_out)
                       for j in range(cfg.num_res_blocks + 1)]
             block_in = block_out
             if i != 0:
-                levels.append(Level(blocks, "upsample", Upsample(block_in, dtype)))
+                levels.append(Level(blocks, "upsample", Upsample(block_in)))
             else:
                 levels.append(Level(blocks))
         self.up = nn.CellList(levels[::-1])
-        self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS, dtype)
-        self.conv_out = Conv2d(block_in, cfg.out_ch, 3, padding=1, dtype=dtype)
+        self.norm_out = GroupNorm(cfg.norm_groups, block_in, GROUPNORM_EPS)
+        self.conv_out = Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, p, z):
         h = self.mid(p, self.conv_in(p, z))
@@ -173,13 +172,13 @@ class AutoencoderKL(Network):
     `decode` takes latents already divided by it, `encode_mean` returns unscaled latents.
     """
 
-    def __init__(self, cfg: VAEConfig, dtype=ms.float32):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        self.encoder = Encoder(cfg, dtype)
-        self.decoder = Decoder(cfg, dtype)
-        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1, dtype=dtype)
-        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1, dtype=dtype)
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x):
         """Image in [-1, 1], (B, 3, H, W) -> moments (B, 2z, H/f, W/f): mean then raw logvar."""

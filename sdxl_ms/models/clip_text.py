@@ -50,15 +50,15 @@ class CLIPAttention(Module):
     """Causal multi-head self-attention of row-major tokens (B*L, W). The heads' outputs come
     out transposed, so `out_proj` applies without a copy (`Linear.from_transposed`)."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         w = cfg.width
         self.heads = cfg.heads
         # creation order = Hugging Face state-dict order (k, v, q, out)
-        self.k_proj = Linear(w, w, dtype=dtype)
-        self.v_proj = Linear(w, w, dtype=dtype)
-        self.q_proj = Linear(w, w, dtype=dtype)
-        self.out_proj = Linear(w, w, dtype=dtype)
+        self.k_proj = Linear(w, w)
+        self.v_proj = Linear(w, w)
+        self.q_proj = Linear(w, w)
+        self.out_proj = Linear(w, w)
 
     def forward(self, p, x, batch: int):
         q, k, v = p["q_proj"], p["k_proj"], p["v_proj"]
@@ -70,11 +70,11 @@ class CLIPAttention(Module):
 class CLIPMLP(Module):
     """fc2(act(fc1(x))); `act` is QuickGELU for CLIP-L."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
-        self.fc1 = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
-        self.fc2 = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
+        self.fc1 = Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, p, x):
         return self.fc2(p, self.act(self.fc1(p, x)))
@@ -86,12 +86,12 @@ class CLIPEncoderLayer(Module):
 
     graph_unit = True
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg, dtype)
-        self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
-        self.mlp = CLIPMLP(cfg, dtype)
-        self.layer_norm2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = LayerNorm(cfg.width, cfg.layer_norm_eps)
 
     def forward(self, p, x, batch: int):
         x = self.self_attn(p, self.layer_norm1(p, x), batch) + x
@@ -99,10 +99,10 @@ class CLIPEncoderLayer(Module):
 
 
 class CLIPTextEmbeddings(Module):
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = Embedding(cfg.vocab_size, cfg.width, dtype=dtype)
-        self.position_embedding = Embedding(cfg.max_length, cfg.width, dtype=dtype)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = Embedding(cfg.max_length, cfg.width)
 
     def forward(self, p, ids):
         length = ids.shape[-1]
@@ -113,9 +113,9 @@ class CLIPTextEmbeddings(Module):
 class CLIPEncoder(Module):
     """The layers [first, last) on row-major tokens (B*L, W)."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype) for _ in range(cfg.layers)])
+        self.layers = nn.CellList([CLIPEncoderLayer(cfg) for _ in range(cfg.layers)])
 
     def forward(self, p, x, batch: int, first: int, last: int):
         for i in range(first, last):
@@ -127,12 +127,12 @@ class CLIPTextTransformer(Module):
     """Embeddings, encoder layers, final LayerNorm (`text_model` in Hugging Face's names).
     Returns the penultimate hidden state (no final norm) and the normed last one, (B, L, W)."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.embeddings = CLIPTextEmbeddings(cfg, dtype)
-        self.encoder = CLIPEncoder(cfg, dtype)
-        self.final_layer_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = LayerNorm(cfg.width, cfg.layer_norm_eps)
 
     def forward(self, p, ids, with_last: bool = True):
         b, length = ids.shape
@@ -155,10 +155,10 @@ class CLIPTextModel(Network):
     final LayerNorm; pooled is last_hidden_state at the EOS position (argmax of the ids).
     """
 
-    def __init__(self, cfg: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.text_model = CLIPTextTransformer(cfg, dtype)
+        self.text_model = CLIPTextTransformer(cfg)
 
     def penultimate(self, ids) -> Tensor:
         """Only the (B, L, W) penultimate hidden state: skips the last layer's work."""

@@ -23,9 +23,9 @@ from .open_clip_text import OpenCLIPTextModel
 class FrozenCLIPEmbedder(nn.Cell):
     """CLIP-L; sgm uses the hidden state after layer `layers - 1`, no final LayerNorm."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.transformer = CLIPTextModel(cfg, dtype)
+        self.transformer = CLIPTextModel(cfg)
 
     def construct(self, ids) -> Tensor:
         return self.transformer.penultimate(ids)
@@ -34,9 +34,9 @@ class FrozenCLIPEmbedder(nn.Cell):
 class FrozenOpenCLIPEmbedder2(nn.Cell):
     """OpenCLIP-bigG; sgm uses the penultimate hidden state and the projected pooled output."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.model = OpenCLIPTextModel(cfg, dtype)
+        self.model = OpenCLIPTextModel(cfg)
 
     def construct(self, ids) -> Tuple[Tensor, Tensor]:
         return self.model(ids)
@@ -56,12 +56,12 @@ class ConcatTimestepEmbedderND(nn.Cell):
 
 
 class GeneralConditioner(nn.Cell):
-    def __init__(self, cfg: ConditionerConfig, dtype=ms.float32):
+    def __init__(self, cfg: ConditionerConfig):
         super().__init__()
         self.cfg = cfg
         self.embedders = nn.CellList([
-            FrozenCLIPEmbedder(cfg.clip_l, dtype),
-            FrozenOpenCLIPEmbedder2(cfg.clip_g, dtype),
+            FrozenCLIPEmbedder(cfg.clip_l),
+            FrozenOpenCLIPEmbedder2(cfg.clip_g),
             ConcatTimestepEmbedderND(cfg.size_embed_dim),  # original_size (h, w)
             ConcatTimestepEmbedderND(cfg.size_embed_dim),  # crop_coords_top_left (top, left)
             ConcatTimestepEmbedderND(cfg.size_embed_dim),  # target_size (h, w)

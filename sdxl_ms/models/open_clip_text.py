@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
@@ -23,12 +22,12 @@ class MultiheadAttention(Module):
     self-attention of row-major tokens (B*L, W); the projection runs transposed, so q, k and v
     are row blocks of one GEMM's output."""
 
-    def __init__(self, width: int, heads: int, dtype):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.width, self.heads = width, heads
-        self.in_proj_weight = new_parameter((3 * width, width), dtype)
-        self.in_proj_bias = new_parameter((3 * width,), dtype)
-        self.out_proj = Linear(width, width, dtype=dtype)
+        self.in_proj_weight = new_parameter((3 * width, width))
+        self.in_proj_bias = new_parameter((3 * width,))
+        self.out_proj = Linear(width, width)
 
     def forward(self, p, x, batch: int):
         w = self.width
@@ -40,11 +39,11 @@ class MultiheadAttention(Module):
 class MLP(Module):
     """c_proj(act(c_fc(x))); `act` is erf GELU for bigG."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
-        self.c_fc = Linear(cfg.width, cfg.mlp_width, dtype=dtype)
-        self.c_proj = Linear(cfg.mlp_width, cfg.width, dtype=dtype)
+        self.c_fc = Linear(cfg.width, cfg.mlp_width)
+        self.c_proj = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, p, x):
         return self.c_proj(p, self.act(self.c_fc(p, x)))
@@ -56,12 +55,12 @@ class ResidualAttentionBlock(Module):
 
     graph_unit = True
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
-        self.attn = MultiheadAttention(cfg.width, cfg.heads, dtype)
-        self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.ln_1 = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.attn = MultiheadAttention(cfg.width, cfg.heads)
+        self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
 
     def forward(self, p, x, batch: int):
         x = self.attn(p, self.ln_1(p, x), batch) + x
@@ -71,9 +70,9 @@ class ResidualAttentionBlock(Module):
 class Transformer(Module):
     """The residual blocks [first, last) on row-major tokens (B*L, W)."""
 
-    def __init__(self, cfg: TextEncoderConfig, dtype):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.resblocks = nn.CellList([ResidualAttentionBlock(cfg, dtype)
+        self.resblocks = nn.CellList([ResidualAttentionBlock(cfg)
                                       for _ in range(cfg.layers)])
 
     def forward(self, p, x, batch: int, first: int, last: int):
@@ -90,17 +89,17 @@ class OpenCLIPTextModel(Network):
     `ln_final(last)[EOS] @ text_projection` (B, P), diffusers' `text_embeds`.
     """
 
-    def __init__(self, cfg: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         if not cfg.projection_dim:
             raise ValueError("the OpenCLIP text tower needs cfg.projection_dim")
         self.cfg = cfg
-        self.transformer = Transformer(cfg, dtype)
-        self.token_embedding = Embedding(cfg.vocab_size, cfg.width, dtype=dtype)
-        self.positional_embedding = new_parameter((cfg.max_length, cfg.width), dtype)
-        self.ln_final = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
-        self.text_projection = new_parameter((cfg.width, cfg.projection_dim), dtype)
-        self.logit_scale = new_parameter((), dtype)  # contrastive temperature, unused for SDXL
+        self.transformer = Transformer(cfg)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = new_parameter((cfg.max_length, cfg.width))
+        self.ln_final = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.text_projection = new_parameter((cfg.width, cfg.projection_dim))
+        self.logit_scale = new_parameter(())  # contrastive temperature, unused for SDXL
 
     def construct(self, ids) -> Tuple[Tensor, Tensor]:
         return run_model(self, self.forward, as_ids(ids))

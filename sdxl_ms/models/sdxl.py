@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-import mindspore as ms
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
@@ -23,23 +22,29 @@ class DiffusionWrapper(nn.Cell):
 
 
 class SDXL(nn.Cell):
-    def __init__(self, cfg: SDXLConfig, dtype=ms.float32):
+    def __init__(self, cfg: SDXLConfig):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        self.model = DiffusionWrapper(UNetModel(cfg.unet, dtype))
-        self.conditioner = GeneralConditioner(cfg.conditioner, dtype)
-        self.first_stage_model = AutoencoderKL(cfg.vae, dtype)
+        self.cfg = cfg
+        self.model = DiffusionWrapper(UNetModel(cfg.unet))
+        self.conditioner = GeneralConditioner(cfg.conditioner)
+        self.first_stage_model = AutoencoderKL(cfg.vae)
 
     @property
     def unet(self) -> UNetModel:
         return self.model.diffusion_model
 
+    @property
+    def dtype(self):
+        """The dtype the model was cast to (`sdxl_ms.nn.precision.cast`)."""
+        return self.unet.dtype
 
-def build_sdxl(cfg: SDXLConfig, dtype=ms.float32) -> SDXL:
-    """Build with parameters left unallocated: the loader or `randomize` fills each one once,
-    so a full-size model never holds a throw-away initialisation beside its weights."""
+
+def build_sdxl(cfg: SDXLConfig) -> SDXL:
+    """Build in float32 with parameters left unallocated: the loader or `randomize` fills each
+    one once, so a full-size model never holds a throw-away initialisation beside its weights.
+    `precision.cast` it before filling to load in another dtype."""
     with no_init_parameters():
-        return SDXL(cfg, dtype)
+        return SDXL(cfg)
 
 
 def sgm_layout(cfg: SDXLConfig) -> Dict[str, Tuple[int, ...]]:

@@ -6,7 +6,6 @@ The time embedding plus the `label_emb` of the conditioner's vector condition ev
 """
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import UNetConfig
@@ -25,17 +24,17 @@ class ResBlock(Module):
 
     graph_unit = True
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dtype):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = Sequential([
-            GroupNorm(groups, channels, RESBLOCK_NORM_EPS, dtype), SiLU(),
-            Conv2d(channels, out_channels, 3, padding=1, dtype=dtype)])
-        self.emb_layers = Sequential([SiLU(), Linear(emb_channels, out_channels, dtype=dtype)])
+            GroupNorm(groups, channels, RESBLOCK_NORM_EPS), SiLU(),
+            Conv2d(channels, out_channels, 3, padding=1)])
+        self.emb_layers = Sequential([SiLU(), Linear(emb_channels, out_channels)])
         self.out_layers = Sequential([
-            GroupNorm(groups, out_channels, RESBLOCK_NORM_EPS, dtype), SiLU(), Identity(),  # dropout
-            Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)])
+            GroupNorm(groups, out_channels, RESBLOCK_NORM_EPS), SiLU(), Identity(),  # dropout
+            Conv2d(out_channels, out_channels, 3, padding=1)])
         self.skip_connection = (Identity() if channels == out_channels
-                                else Conv2d(channels, out_channels, 1, dtype=dtype))
+                                else Conv2d(channels, out_channels, 1))
 
     def forward(self, p, x, emb):
         h = self.in_layers(p, x)
@@ -49,14 +48,14 @@ class CrossAttention(Module):
     themselves when the context is None. The heads' outputs come out transposed (inner, B*L),
     so `to_out` applies without a copy (`Linear.from_transposed`)."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dtype):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = Linear(query_dim, inner, bias=False, dtype=dtype)
-        self.to_k = Linear(context_dim, inner, bias=False, dtype=dtype)
-        self.to_v = Linear(context_dim, inner, bias=False, dtype=dtype)
-        self.to_out = Sequential([Linear(inner, query_dim, dtype=dtype), Identity()])
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = Sequential([Linear(inner, query_dim), Identity()])
 
     def forward(self, p, x, context, batch: int):
         heads_t = attention_t(x, context, batch, self.heads, p["to_q"]["weight"],
@@ -69,9 +68,9 @@ class GEGLU(Module):
     halves are blocks of rows rather than strided column halves (a strided view costs a slow
     copy); returns the transposed (inner, N) activations."""
 
-    def __init__(self, dim_in: int, dim_out: int, dtype):
+    def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2, dtype=dtype)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, p, x):
         y_t = self.proj.transposed_out(p, x)
@@ -82,10 +81,9 @@ class GEGLU(Module):
 class FeedForward(Module):
     """GEGLU, dropout, Linear, on row-major tokens."""
 
-    def __init__(self, dim: int, dtype, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = Sequential([GEGLU(dim, dim * mult, dtype), Identity(),
-                               Linear(dim * mult, dim, dtype=dtype)])
+        self.net = Sequential([GEGLU(dim, dim * mult), Identity(), Linear(dim * mult, dim)])
 
     def forward(self, p, x):
         # net is sgm's Sequential(GEGLU, Dropout, Linear); GEGLU's output is transposed
@@ -96,14 +94,14 @@ class BasicTransformerBlock(Module):
     """Self-attention, cross-attention over the text context, feed-forward; each pre-normed
     and residual. Tokens are row-major (B*L, C)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dtype):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head, dtype)
-        self.ff = FeedForward(dim, dtype)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dtype)
-        self.norm1 = LayerNorm(dim, LAYER_NORM_EPS, dtype)
-        self.norm2 = LayerNorm(dim, LAYER_NORM_EPS, dtype)
-        self.norm3 = LayerNorm(dim, LAYER_NORM_EPS, dtype)
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = LayerNorm(dim, LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(dim, LAYER_NORM_EPS)
+        self.norm3 = LayerNorm(dim, LAYER_NORM_EPS)
 
     def forward(self, p, x, context, batch: int):
         x = self.attn1(p, self.norm1(p, x), None, batch) + x
@@ -119,14 +117,14 @@ class SpatialTransformer(Module):
     graph_unit = True
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 groups: int, dtype):
+                 groups: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = GroupNorm(groups, channels, TRANSFORMER_NORM_EPS, dtype)
-        self.proj_in = Linear(channels, inner, dtype=dtype)
+        self.norm = GroupNorm(groups, channels, TRANSFORMER_NORM_EPS)
+        self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.CellList([
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dtype) for _ in range(depth)])
-        self.proj_out = Linear(inner, channels, dtype=dtype)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.proj_out = Linear(inner, channels)
 
     def forward(self, p, x, context):
         tokens = self.proj_in.from_channels_first(p, self.norm(p, x))
@@ -139,9 +137,9 @@ class SpatialTransformer(Module):
 class Downsample(Module):
     """A stride-2 3x3 conv named `op` (symmetric padding 1, as sgm and diffusers pad)."""
 
-    def __init__(self, channels: int, dtype):
+    def __init__(self, channels: int):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1, dtype=dtype)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, p, x):
         return self.op(p, x)
@@ -163,56 +161,55 @@ class TimestepEmbedSequential(Sequential):
 
 
 class UNetModel(Network):
-    def __init__(self, cfg: UNetConfig, dtype=ms.float32):
+    def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg = cfg
         mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             return SpatialTransformer(ch, cfg.heads(ch), cfg.num_head_channels, depth,
-                                      cfg.context_dim, groups, dtype)
+                                      cfg.context_dim, groups)
 
         self.time_proj = SinusoidalTimesteps(mc)
-        self.time_embed = Sequential([Linear(mc, ted, dtype=dtype), SiLU(),
-                                      Linear(ted, ted, dtype=dtype)])
+        self.time_embed = Sequential([Linear(mc, ted), SiLU(), Linear(ted, ted)])
         self.label_emb = Sequential([Sequential([
-            Linear(cfg.adm_in_channels, ted, dtype=dtype), SiLU(), Linear(ted, ted, dtype=dtype)])])
+            Linear(cfg.adm_in_channels, ted), SiLU(), Linear(ted, ted)])])
 
-        blocks = [TimestepEmbedSequential([Conv2d(cfg.in_channels, mc, 3, padding=1, dtype=dtype)])]
+        blocks = [TimestepEmbedSequential([Conv2d(cfg.in_channels, mc, 3, padding=1)])]
         skip_channels = [mc]
         ch = mc
         last = len(cfg.channel_mult) - 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, ted, mult * mc, groups, dtype)]
+                layers = [ResBlock(ch, ted, mult * mc, groups)]
                 ch = mult * mc
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
                 blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != last:
-                blocks.append(TimestepEmbedSequential([Downsample(ch, dtype)]))
+                blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
         self.input_blocks = nn.CellList(blocks)
 
         self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, ted, ch, groups, dtype), transformer(ch, cfg.transformer_depth_middle),
-            ResBlock(ch, ted, ch, groups, dtype)])
+            ResBlock(ch, ted, ch, groups), transformer(ch, cfg.transformer_depth_middle),
+            ResBlock(ch, ted, ch, groups)])
 
         blocks = []
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), ted, mult * mc, groups, dtype)]
+                layers = [ResBlock(ch + skip_channels.pop(), ted, mult * mc, groups)]
                 ch = mult * mc
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch, dtype))
+                    layers.append(Upsample(ch))
                 blocks.append(TimestepEmbedSequential(layers))
         self.output_blocks = nn.CellList(blocks)
 
-        self.out = Sequential([GroupNorm(groups, ch, RESBLOCK_NORM_EPS, dtype), SiLU(),
-                               Conv2d(mc, cfg.out_channels, 3, padding=1, dtype=dtype)])
+        self.out = Sequential([GroupNorm(groups, ch, RESBLOCK_NORM_EPS), SiLU(),
+                               Conv2d(mc, cfg.out_channels, 3, padding=1)])
 
     def construct(self, x, timesteps, context, y):
         """x (B,4,h,w), timesteps (B,) float, context (B,77,ctx), y (B,adm) -> eps (B,4,h,w)."""

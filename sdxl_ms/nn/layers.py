@@ -2,8 +2,9 @@
 
 MindSpore's own `nn` layers name norm parameters gamma/beta, default GELU to tanh, pick other
 epsilons and pad convolutions 'same' by default (docs/porting-notes.md, section 4); these small cells make
-every such choice explicit. Parameters are created uninitialised-zero: weights always come from
-a checkpoint or from `sdxl_ms.weights.random_init`.
+every such choice explicit. Parameters are created uninitialised-zero and float32: weights
+always come from a checkpoint or from `sdxl_ms.weights.random_init`, and precision is set after
+the build (`sdxl_ms.nn.precision.cast`).
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from .module import Module
+from .module import Module, observed
 
 
-def new_parameter(shape, dtype) -> Parameter:
-    return Parameter(initializer("zeros", tuple(shape), dtype))
+def new_parameter(shape) -> Parameter:
+    return Parameter(initializer("zeros", tuple(shape), ms.float32))
 
 
 # GEMMs with the transposes folded into the kernel's operand packing: on MindSpore 2.10's CPU
@@ -73,12 +74,11 @@ class Linear(Module):
     """y = x W^T + b, W stored (out, in) as in PyTorch. Besides the plain forward it offers the
     transposed layouts the attention and feed-forward blocks chain without copies."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype=ms.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = new_parameter((out_features, in_features), dtype)
-        self.bias = new_parameter((out_features,), dtype) if bias else None
+        self.weight = new_parameter((out_features, in_features))
+        self.bias = new_parameter((out_features,)) if bias else None
 
     def forward(self, p, x):
         lead = x.shape[:-1]
@@ -90,17 +90,23 @@ class Linear(Module):
 
     def transposed_out(self, p, x2d):
         """Row-major tokens (N, in) -> the transposed output (out, N)."""
+        self.notify_input(p, x2d)
         p = p[self.key]
         return linear_t(x2d, p["weight"], self.optional(p, "bias"))
 
     def from_transposed(self, p, y_t):
         """Transposed activations (in, N) -> row-major tokens (N, out)."""
+        if observed(self):
+            self.notify_input(p, y_t.transpose())
         p = p[self.key]
         return linear_from_t(y_t, p["weight"], self.optional(p, "bias"))
 
     def from_channels_first(self, p, x):
         """An NCHW map (B, in, H, W) -> row-major tokens (B*H*W, out). Each image's (in, HW)
         block is the transposed layout, so the transpose is a MatMul flag, image by image."""
+        if observed(self):
+            self.notify_input(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+                              .reshape(-1, x.shape[1]))
         p = p[self.key]
         b, c, h, w = x.shape
         flat = x.reshape(b, c, h * w)
@@ -110,6 +116,7 @@ class Linear(Module):
     def to_channels_first(self, p, tokens, shape):
         """Row-major tokens (B*H*W, in) -> an NCHW map of `shape` (B, out, H, W), the
         transpose again a MatMul flag."""
+        self.notify_input(p, tokens)
         p = p[self.key]
         b, length = shape[0], shape[2] * shape[3]
         y = ops.stack([linear_t(tokens[i * length:(i + 1) * length], p["weight"])
@@ -122,12 +129,12 @@ class Conv2d(Module):
     """NCHW convolution with symmetric zero padding, PyTorch weight layout (O, I, kh, kw)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = True, dtype=ms.float32):
+                 padding: int = 0, bias: bool = True):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.weight = new_parameter((out_channels, in_channels, kernel_size, kernel_size), dtype)
-        self.bias = new_parameter((out_channels,), dtype) if bias else None
+        self.weight = new_parameter((out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = new_parameter((out_channels,)) if bias else None
 
     def forward(self, p, x):
         return conv2d(x, p["weight"], self.optional(p, "bias"), self.stride, self.padding)
@@ -166,13 +173,13 @@ def layer_norm(x, weight, bias, eps: float):
 class GroupNorm(Module):
     """GroupNorm computed in float32 whatever the parameter dtype."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float, dtype=ms.float32):
+    def __init__(self, num_groups: int, num_channels: int, eps: float):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"{num_channels} channels do not split into {num_groups} groups")
         self.num_groups, self.eps = num_groups, eps
-        self.weight = new_parameter((num_channels,), dtype)
-        self.bias = new_parameter((num_channels,), dtype)
+        self.weight = new_parameter((num_channels,))
+        self.bias = new_parameter((num_channels,))
 
     def forward(self, p, x):
         return group_norm(x, self.num_groups, p["weight"], p["bias"], self.eps)
@@ -181,20 +188,20 @@ class GroupNorm(Module):
 class LayerNorm(Module):
     """LayerNorm over the last axis, computed in float32."""
 
-    def __init__(self, dim: int, eps: float, dtype=ms.float32):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = new_parameter((dim,), dtype)
-        self.bias = new_parameter((dim,), dtype)
+        self.weight = new_parameter((dim,))
+        self.bias = new_parameter((dim,))
 
     def forward(self, p, x):
         return layer_norm(x, p["weight"], p["bias"], self.eps)
 
 
 class Embedding(Module):
-    def __init__(self, num_embeddings: int, dim: int, dtype=ms.float32):
+    def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
-        self.weight = new_parameter((num_embeddings, dim), dtype)
+        self.weight = new_parameter((num_embeddings, dim))
 
     def forward(self, p, ids):
         return ops.gather(p["weight"], ids.astype(ms.int32), 0)
@@ -242,9 +249,9 @@ def upsample_nearest2x(x):
 class Upsample(Module):
     """Nearest 2x then a 3x3 conv named `conv`: the same block in sgm's UNet and VAE."""
 
-    def __init__(self, channels: int, dtype=ms.float32):
+    def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, p, x):
         return self.conv(p, upsample_nearest2x(x))

@@ -25,7 +25,7 @@ plain function call on CPU); graph mode parses `construct`, which does the same 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -33,6 +33,48 @@ from mindspore import Tensor, nn
 from ..backend import init_runtime, jit_enabled, settings
 
 _unit_graphs: Dict[Tuple, Any] = {}
+# id(module) -> ([pre-hooks], [forward hooks]), each (hook_fn, with_kwargs): the observer slot
+_OBSERVERS: Dict[int, Tuple[List, List]] = {}
+
+
+class ObserverHandle:
+    """What `register_forward_(pre_)hook` returns: `remove()` takes the hook off."""
+
+    def __init__(self, module, which: int, entry):
+        self._key, self._which, self._entry = id(module), which, entry
+
+    def remove(self) -> None:
+        hooks = _OBSERVERS.get(self._key)
+        if hooks is None or self._entry not in hooks[self._which]:
+            return
+        hooks[self._which].remove(self._entry)
+        if not any(hooks):
+            del _OBSERVERS[self._key]
+
+
+def observed(module) -> bool:
+    """Whether `module` has hooks (the slot's one check)."""
+    return bool(_OBSERVERS) and id(module) in _OBSERVERS
+
+
+def _observe(module, which: int, hook_fn, with_kwargs: bool, prepend: bool) -> ObserverHandle:
+    entry = (hook_fn, with_kwargs)
+    hooks = _OBSERVERS.setdefault(id(module), ([], []))[which]
+    hooks.insert(0, entry) if prepend else hooks.append(entry)
+    return ObserverHandle(module, which, entry)
+
+
+def _observed_call(module, p, inputs):
+    """A hooked module's call: its pre-hooks, its own forward (eagerly: observing is a PyNative
+    matter), its forward hooks."""
+    pre, post = _OBSERVERS[id(module)]
+    args = (p,) + tuple(inputs)
+    for hook, with_kwargs in list(pre):
+        hook(module, args, {}) if with_kwargs else hook(module, args)
+    out = module.forward(p[module.key], *inputs)
+    for hook, with_kwargs in list(post):
+        hook(module, args, {}, out) if with_kwargs else hook(module, args, out)
+    return out
 _changes = [0]  # bumped by every attribute set on a Module: cached signatures are then stale
 _CELL_ATTRIBUTES = frozenset(nn.Cell().__dict__) | {"key"}  # MindSpore's own, and the name
 
@@ -58,9 +100,35 @@ class Module(nn.Cell):
         return obj
 
     def __call__(self, p, *inputs):
+        if isinstance(p, Tensor):  # called alone, as a stock Cell is: on its own weights
+            return self.forward(self, p, *inputs)
+        if _OBSERVERS and id(self) in _OBSERVERS:
+            return _observed_call(self, p, inputs)
         if self.graph_unit and jit_enabled():
             return run_unit(self, *inputs)
         return self.forward(p[self.key], *inputs)
+
+    # MindSpore's forward hooks fire in `Cell.__call__`, which a Module skips: the same two
+    # methods, served by the observer slot above (one dict check per call while none is set)
+
+    def register_forward_pre_hook(self, hook_fn, *, prepend: bool = False,
+                                  with_kwargs: bool = False) -> "ObserverHandle":
+        """`hook_fn(module, args[, kwargs])` before the module runs; `args` are its call's
+        (the parent's weights `p`, then the inputs)."""
+        return _observe(self, 0, hook_fn, with_kwargs, prepend)
+
+    def register_forward_hook(self, hook_fn, *, prepend: bool = False,
+                              with_kwargs: bool = False,
+                              always_call: bool = False) -> "ObserverHandle":
+        """`hook_fn(module, args[, kwargs], output)` after the module returns."""
+        return _observe(self, 1, hook_fn, with_kwargs, prepend)
+
+    def notify_input(self, p, *inputs) -> None:
+        """For an entry point beside `__call__` (`Linear.transposed_out`, ...): its pre-hooks
+        see the plain call's arguments it stands for."""
+        if observed(self):
+            for hook, with_kwargs in _OBSERVERS[id(self)][0]:
+                hook(self, (p,) + inputs, {}) if with_kwargs else hook(self, (p,) + inputs)
 
     def construct(self, p, *inputs):
         return self.forward(p[self.key], *inputs)
@@ -76,6 +144,8 @@ class Network(Module):
     (`init_runtime`) before any of its ops can run: *measured*, a tiny VAE decoded before the
     set-up left every later PyNative op ~13x slower for the rest of the process (a tiny parity
     check 2.6 s -> 34 s), as the launch queue and thread pool were already running."""
+
+    dtype = ms.float32  # its weights' dtype, which it casts its inputs to (`precision.cast`)
 
     def __init__(self, *args, **kwargs):
         init_runtime()

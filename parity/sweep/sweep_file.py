@@ -1,25 +1,22 @@
-"""A sweep file: which parity cases to run, read strictly and expanded into the case matrix.
+"""A sweep file: which parity cases to run, read strictly and validated before any model work.
 
-The matrix is the product of the list keys (`AXES`) less the `[[exclude]]` entries. Every case
-is one `RunSpec` with one sampler, plus the policy, port, stages and truth it is checked with;
-its id is a readable prefix and a hash of exactly that, so a rerun finds its finished cases and
-two different cases never share a folder. Anything wrong in the file is one `InputError` line
-naming the file, the key and the problem, raised before any model work.
+Each list key is one axis of the case matrix (`matrix.AXES`); every value is checked with the
+rule `parity.run_settings` holds for that setting, and anything wrong in the file is one
+`SweepError` line naming the file, the key and the problem.
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from sdxl_common.errors import InputError
 
-from ..recording import DEFAULT_PROMPT, RunSpec
+from .. import run_settings
+from ..recording import RunSpec
+from .matrix import AXES, FIELD_AXIS, Case, Resources, Sweep, SweepError, expand
 
 try:
     import tomllib
@@ -28,19 +25,6 @@ except ModuleNotFoundError:  # Python < 3.11: the same parser, published as toml
 
 EXAMPLE = "example"  # the packaged parity/sweeps/example.toml: `sdxl-parity sweep` with no file
 
-# list key in the file -> the case field it varies, and its default (`sdxl-parity run`'s)
-AXES: Dict[str, Tuple[str, list]] = {
-    "prompts": ("prompt", [DEFAULT_PROMPT]),
-    "negative_prompts": ("negative_prompt", [""]),
-    "seeds": ("seed", [0]),
-    "samplers": ("sampler", ["euler", "euler_a"]),
-    "schedules": ("schedule", ["leading"]),
-    "steps": ("steps", [4]),
-    "guidance": ("guidance", [5.0]),
-    "dtypes": ("dtype", ["float32"]),
-    "sizes": ("size", [None]),
-}
-FIELD_AXIS = {f: key for key, (f, _) in AXES.items()}
 SCALARS = ("preset", "checkpoint", "checkpoint_seed", "prompt_file", "policy", "port", "truth")
 TABLES = ("stages", "exclude", "resources")
 KNOWN_KEYS = tuple(AXES) + SCALARS + TABLES
@@ -48,89 +32,6 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")
 STEPS = ("record", "check")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
-
-
-class SweepError(InputError):
-    """A sweep file that cannot be run as written."""
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one record or check task asks of a Ray cluster (`[resources.record]`)."""
-
-    num_cpus: float = 1
-    num_gpus: float = 0
-    memory: Optional[int] = None  # bytes
-    custom: Dict[str, float] = field(default_factory=dict)  # e.g. {"NPU": 1}
-
-    def ray_options(self) -> Dict[str, Any]:
-        options: Dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.memory:
-            options["memory"] = self.memory
-        if self.custom:
-            options["resources"] = dict(self.custom)
-        return options
-
-
-@dataclass(frozen=True)
-class Case:
-    """One parity case: record the reference for `run`, then check the port against it."""
-
-    run: RunSpec
-    policy: str  # as the file names it (resolved for loading in `Sweep.policy_path`)
-    port: str
-    stages: Tuple[str, ...]
-    truth: bool
-
-    @property
-    def sampler(self) -> str:
-        return self.run.samplers[0]
-
-    def spec(self) -> Dict[str, Any]:
-        """The JSON form written to case.json and sweep.json, and hashed into the id."""
-        return {**asdict(self.run), "samplers": list(self.run.samplers),
-                "cond_original_size": list(self.run.cond_original_size),
-                "cond_crop": list(self.run.cond_crop), "policy": self.policy,
-                "port": self.port, "stages": list(self.stages), "truth": self.truth}
-
-    @property
-    def id(self) -> str:
-        return case_id(self.spec())
-
-    def field(self, name: str) -> Any:
-        """The value of matrix field `name` (an `AXES` field) in this case."""
-        if name == "sampler":
-            return self.sampler
-        if name == "size":
-            return None if self.run.height is None else f"{self.run.height}x{self.run.width}"
-        if name == "negative_prompt":
-            return self.run.negative_prompt or ""
-        return getattr(self.run, name)
-
-
-def case_id(spec: Dict[str, Any]) -> str:
-    """`<sampler>-<schedule>-seed<seed>-<12 hex of sha256(canonical JSON)>`: readable, and
-    the same spec always gives the same id."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
-    prefix = f"{'+'.join(spec['samplers'])}-{spec['schedule']}-seed{spec['seed']}"
-    return f"{re.sub(r'[^A-Za-z0-9_+.-]', '_', prefix)}-{digest}"
-
-
-@dataclass
-class Sweep:
-    """A validated sweep: its cases in matrix order and what their tasks need."""
-
-    source: str
-    cases: List[Case]
-    policy_path: str  # what load_policy takes, resolved against the file's folder
-    port_path: str  # MODULE:FACTORY, a .py path resolved against the file's folder
-    resources: Dict[str, Resources]
-    excluded: int = 0
-
-    def varying(self) -> List[str]:
-        """The matrix fields whose value differs between cases (the report's row labels)."""
-        return [f for f in FIELD_AXIS if len({repr(c.field(f)) for c in self.cases}) > 1]
 
 
 def example_path() -> Path:
@@ -251,9 +152,7 @@ def _size(v) -> Tuple[int, int]:
     if (not isinstance(v, list) or len(v) != 2
             or any(isinstance(x, bool) or not isinstance(x, int) for x in v)):
         raise ValueError('want "HxW" (e.g. "64x64") or [height, width]')
-    from sdxl_ms.pipeline import check_generation_args
-
-    check_generation_args(v[0], v[1], 1, "np")
+    run_settings.check_size(v[0], v[1])
     return (v[0], v[1])
 
 
@@ -268,72 +167,35 @@ def _memory(v) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _axis_checks(r: _Reader) -> Dict[str, Tuple[str, Any]]:
-    from sdxl_ms.pipeline import DTYPES, check_guidance
-
-    from ..schedulers import diffusers_scheduler_spec
-
-    def seed(v):
-        if _int(v) < 0:
-            raise ValueError("a seed must be >= 0")
-        return v
-
-    def steps(v):
-        if _int(v) < 1:
-            raise ValueError("steps must be >= 1")
-        return v
-
-    def guidance(v):
-        check_guidance(_number(v))
-        if v <= 1:
-            raise ValueError("guidance must be > 1 for a parity case: at <= 1 diffusers skips "
-                             "the unconditional pass the stages compare")
-        return float(v)
-
-    def prompt(v):
-        if not _text(v).strip():
-            raise ValueError("an empty prompt (an empty negative prompt goes in "
-                             "negative_prompts)")
-        return v
-
-    def sampler(v):
-        diffusers_scheduler_spec(_text(v), "leading")  # known, with a diffusers scheduler
-        return v
-
-    def schedule(v):
-        diffusers_scheduler_spec("euler", _text(v))  # known, with a diffusers config
-        return v
-
-    def dtype(v):
-        if _text(v) not in DTYPES:
-            raise ValueError(f"unknown dtype; choose from {', '.join(sorted(DTYPES))}")
-        return v
-
-    return {"prompts": ("strings", prompt), "negative_prompts": ("strings", _text),
-            "seeds": ("integers", seed), "samplers": ("sampler names", sampler),
-            "schedules": ("schedule names", schedule), "steps": ("integers", steps),
-            "guidance": ("numbers", guidance), "dtypes": ("dtype names", dtype),
+def _axis_checks() -> Dict[str, Tuple[str, Any]]:
+    """list key -> (what its values are, the check of one value): the TOML type here, the
+    rule from `run_settings`."""
+    rules = run_settings
+    return {"prompts": ("strings", lambda v: rules.check_prompt(_text(v))),
+            "negative_prompts": ("strings", _text),
+            "seeds": ("integers", lambda v: rules.check_seed(_int(v))),
+            "samplers": ("sampler names", lambda v: rules.check_comparable_sampler(_text(v)).name),
+            "schedules": ("schedule names", lambda v: rules.check_comparable_schedule(_text(v))),
+            "steps": ("integers", lambda v: rules.check_steps(_int(v))),
+            "guidance": ("numbers", lambda v: rules.check_guidance(_number(v))),
+            "dtypes": ("dtype names", lambda v: rules.check_dtype(_text(v))),
             "sizes": ('sizes ("HxW" or [height, width])', _size)}
 
 
 def parse_sweep(data: Dict[str, Any], source: str, base: Path) -> Sweep:
     """Validate the parsed TOML `data` of the file `source` (relative paths in it are taken
     from its folder `base`) and expand it into cases."""
-    from sdxl_ms.config import PRESETS
-
     r = _Reader(source)
     for key in data:
         if key not in KNOWN_KEYS:
             raise r.error(key, f"unknown key{_hint(key, KNOWN_KEYS)}; known keys: "
                                f"{', '.join(KNOWN_KEYS)}")
     preset = r.scalar(data, "preset", (str,), "a preset name", "tiny")
-    if preset not in PRESETS:
-        raise r.error("preset", f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    _check(r, "preset", run_settings.check_preset, preset)
     checkpoint = r.scalar(data, "checkpoint", (str,), "a path")
     if checkpoint is not None:
         checkpoint = str(_relative(base, checkpoint))
-        if not Path(checkpoint).exists():
-            raise r.error("checkpoint", f"not found: {checkpoint}")
+        _check(r, "checkpoint", run_settings.check_checkpoint, checkpoint)
         from sdxl_ms.weights.loader import preset_name_of
 
         found = preset_name_of(checkpoint)  # the layout it holds, as `run --checkpoint` reads it
@@ -346,7 +208,7 @@ def parse_sweep(data: Dict[str, Any], source: str, base: Path) -> Sweep:
         raise r.error("checkpoint_seed", "applies to the seeded checkpoint of a preset, not to "
                                          "a checkpoint file")
     axes: Dict[str, list] = {}
-    for key, (kind, check) in _axis_checks(r).items():
+    for key, (kind, check) in _axis_checks().items():
         values = r.items(data, key, kind, check)
         axes[key] = values if values is not None else list(AXES[key][1])
     if "prompt_file" in data:
@@ -361,19 +223,20 @@ def parse_sweep(data: Dict[str, Any], source: str, base: Path) -> Sweep:
     for dtype in axes["dtypes"]:
         _dtype_usable(r, dtype, stages, policy_path)
     excludes = _excludes(r, data.get("exclude", []), axes)
-    cases, excluded = [], 0
-    for values in itertools.product(*axes.values()):
-        fields = {AXES[key][0]: v for key, v in zip(axes, values)}
-        if any(all(_matches(fields[f], want) for f, want in ex.items()) for ex in excludes):
-            excluded += 1
-            continue
-        cases.append(_case(r, fields, preset, checkpoint, checkpoint_seed, policy, port,
-                           stages, truth))
+    cases, excluded = expand(axes, excludes, lambda fields: _case(
+        r, fields, preset, checkpoint, checkpoint_seed, policy, port, stages, truth))
     if not cases:
         every = "the only case" if excluded == 1 else f"all {excluded} cases"
         raise r.error("exclude", f"excludes {every} of the matrix; nothing to run")
     return Sweep(source=source, cases=cases, policy_path=policy_path, port_path=port_path,
                  resources=resources, excluded=excluded)
+
+
+def _check(r: _Reader, key: str, rule, value) -> None:
+    try:
+        rule(value)
+    except InputError as e:
+        raise r.error(key, str(e)) from None
 
 
 def _relative(base: Path, path: str) -> Path:
@@ -524,10 +387,6 @@ def _excludes(r: _Reader, entries, axes: Dict[str, list]) -> List[Dict[str, Any]
             parsed[name] = values
         out.append(parsed)
     return out
-
-
-def _matches(value, wanted: list) -> bool:
-    return value in wanted
 
 
 def _case(r: _Reader, fields: Dict[str, Any], preset: str, checkpoint: Optional[str],

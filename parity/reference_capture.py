@@ -1,0 +1,100 @@
+"""The reference's side of module-level work: every reference module that is compared on its own
+(`module_kinds`), its inputs and output on the stage's recorded inputs, streamed to a file
+(`module_capture`) with forward hooks, so that `locate` runs later, without torch, and for any
+port: which port module is its counterpart is decided when a port is paired with the capture.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .module_capture import CaptureIndex, CaptureWriter
+from .module_pairs import (ModulePair, captured_kinds, reference_containers, reference_inputs,
+                           reference_module_table)
+from .recording import Recording
+from .stage_calls import network_inputs
+
+
+def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, path: Path,
+                      log: Callable[[str], None] = lambda s: None,
+                      truth=None) -> CaptureIndex:
+    """Run the reference's networks of `stage` on the recorded inputs (`network_inputs`) with a
+    forward hook on every module of a known kind; each module's inputs (x, context, temb) and
+    output go to `path` as it returns, the first call only (CLIP-L's layers run once per
+    encode).
+
+    `truth` (the reference in float64 on the same rounded weights, `record.round_weights`):
+    each module's float64 twin also runs on exactly the arguments the reference module got,
+    upcast, so every module has its own truth ("truth"): in reduced precision a module's own
+    error is judged against the reference module's own error, as stages are."""
+    import torch
+
+    from .reference import to_numpy
+
+    modules = reference_module_table(ref, stage)
+    twins = reference_module_table(truth, stage) if truth is not None else None
+    kinds = captured_kinds(modules)
+    index = CaptureIndex(stage=stage, sampler=sampler, step=step,
+                         containers=reference_containers(modules))
+    writer = CaptureWriter(path, index)
+    handles = []
+
+    def hook_for(name: str):
+        fired = []
+        entry = ModulePair("", name, kinds[name], "")
+
+        def hook(module, args, kwargs, output):
+            if fired:
+                return
+            fired.append(True)
+            got = reference_inputs(args, kwargs, output)
+            if twins is not None:
+                exact = twins[name](*_float64(args), **_float64(kwargs))
+                got["truth"] = reference_inputs(args, kwargs, exact)["out"]
+            writer.add(entry, {k: to_numpy(v) for k, v in got.items()})
+        return hook
+
+    try:
+        for name in kinds:
+            handles.append(modules[name].register_forward_hook(hook_for(name), with_kwargs=True))
+        log(f"reference: capturing {len(kinds)} modules of stage {stage}")
+        inputs = network_inputs(rec, stage, sampler, step)
+        with torch.no_grad():
+            if stage == "conditioner":
+                for key, encoder in (("input_ids", ref.pipe.text_encoder),
+                                     ("input_ids_2", ref.pipe.text_encoder_2)):
+                    encoder(torch.from_numpy(np.asarray(inputs[key], np.int64)).to(ref.device),
+                            output_hidden_states=True)
+            elif stage == "unet":
+                ref.unet(**inputs)
+            else:
+                ref.decode(inputs["latents"])
+    finally:
+        for h in handles:
+            h.remove()
+        writer.close()
+    return index
+
+
+def _float64(value):
+    """A hook's arguments for the float64 twin: float tensors upcast, the rest unchanged."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float64(v) for k, v in value.items()}
+    return value
+
+
+def capture_to(ref, rec: Recording, stage: str, sampler: str, step: int, work_dir: Path,
+               log: Callable[[str], None] = lambda s: None,
+               truth: Optional[object] = None) -> tuple:
+    """(index, path): `capture_reference` into `work_dir/modules-<stage>.npz`."""
+    path = Path(work_dir) / f"modules-{stage}.npz"
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return capture_reference(ref, rec, stage, sampler, step, path, log=log, truth=truth), path
