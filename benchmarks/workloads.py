@@ -64,14 +64,14 @@ def _pynative() -> None:
 
 def _jit(mode: str) -> Callable[[], None]:
     def prepare() -> None:
-        from sdxl_ms.backend import settings
+        from sdxl_ms.runtime import settings
 
         _pynative()
         settings.set_jit(mode)
     return prepare
 
 
-# "graph": each network's forward compiled whole by ms.jit (`sdxl_ms.backend.settings.set_jit("model")`);
+# "graph": each network's forward compiled whole by ms.jit (`sdxl_ms.runtime.settings.set_jit("model")`);
 # "graph-blocks": one shared graph per block signature (`settings.set_jit("blocks")`). Both compile on
 # the first call, which the runner reports apart as compile_s.
 PORT_MODES: Dict[str, Mode] = {"pynative": Mode("pynative", prepare=_pynative),
@@ -231,7 +231,7 @@ def build_port(spec: Spec) -> Tuple[Any, Dict[str, Any]]:
 
     if spec.device:
         ms.set_device(spec.device)
-    from sdxl_ms.backend import init_runtime
+    from sdxl_ms.runtime import init_runtime
     from sdxl_ms.config import get_preset
     from sdxl_ms.models.sdxl import build_sdxl
     from sdxl_ms.nn.precision import cast

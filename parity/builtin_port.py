@@ -1,18 +1,17 @@
 """The built-in port (`sdxl_ms`) where the harness needs it beyond the stage contract: its
-`--jit` option, its sampler for ports that bring none, and its module tree, which names the
-modules a recording's module capture pairs. With the weight layouts, key maps and checkpoint
-readers and writers (`sdxl_ms.weights`, `sdxl_ms.config`), the only place `parity` imports
-`sdxl_ms` (`tests/test_import_graph.py` holds it to that)."""
+`--jit` option and its sampler for ports that bring none. With the weight layouts, key maps and
+checkpoint readers and writers (`sdxl_ms.weights`, `sdxl_ms.config`), the only place `parity`
+imports `sdxl_ms` (`tests/test_tools/test_import_graph.py` holds it to that)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+
 def set_jit(mode: str) -> None:
     """`--jit`: which parts of the built-in port MindSpore compiles (off, blocks, model)."""
-    from sdxl_ms.backend import settings
+    from sdxl_ms.runtime import settings
 
     settings.set_jit(mode)
 
@@ -23,14 +22,3 @@ def builtin_sample(run, eps: Callable, callback: Callable) -> np.ndarray:
     from sdxl_ms.pipeline import sample_with_builtin_sampler
 
     return sample_with_builtin_sampler(run, eps, callback)
-
-
-def module_structure(checkpoint) -> tuple:
-    """(model, cfg): the built-in port's module tree for `checkpoint`, weights unallocated,
-    whose sgm names a module capture is paired by when it is recorded."""
-    from sdxl_ms.models.sdxl import build_sdxl
-    from sdxl_ms.weights.checkpoint import open_checkpoint
-    from sdxl_ms.weights.loader import infer_preset
-
-    cfg = infer_preset(open_checkpoint(Path(checkpoint)))
-    return build_sdxl(cfg), cfg

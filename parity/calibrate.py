@@ -50,7 +50,7 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
             log: Callable[[str], None] = lambda s: None) -> Dict:
     """Floors per dtype and stage over every (seed, prompt), from record + truth + check."""
     from .policy import load_policy
-    from .record import record, record_truth
+    from .reference_run import record, record_truth
     from .recording import RunSpec, resolve_checkpoint
     from .framework import port_device
     from .runner import check

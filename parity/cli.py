@@ -102,6 +102,15 @@ def _port_backend(args, dtype: str) -> None:
     refuse_unsupported_dtype(dtype)
 
 
+def _module_names(args):
+    """`--module-names FILE` read and checked before any work (a bad file is exit 2)."""
+    if not getattr(args, "module_names", None):
+        return None
+    from .module_names import load_module_names
+
+    return load_module_names(args.module_names)
+
+
 def _waivers(args):
     """`--waivers FILE` read and validated before any work (a bad file is exit 2)."""
     if not getattr(args, "waivers", None):
@@ -139,12 +148,12 @@ def cmd_run(args) -> int:
                  junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
                  command=_command(args), locate=args.locate,
                  truth=_wants_truth(args, spec.dtype), modules=args.modules, quiet=args.quiet,
-                 waivers=waivers)
+                 waivers=waivers, rename=_module_names(args))
     return _finish(report, out)
 
 
 def cmd_record(args) -> int:
-    from .isolated import record_to_folder
+    from .reference_process import record_to_folder
     from .recording import check_recording_target
     from .reference import require_reference
     from .recording import resolve_checkpoint
@@ -202,7 +211,8 @@ def cmd_check(args) -> int:
     report = check(rec, out, policy=policy, port_spec=port_spec, checkpoint=args.checkpoint,
                    stages=stages, fail_fast=args.fail_fast,
                    junit_xml=args.junit_xml and Path(args.junit_xml), log=_log(args),
-                   command=_command(args), locate=args.locate, waivers=waivers)
+                   command=_command(args), locate=args.locate, waivers=waivers,
+                   rename=_module_names(args))
     return _finish(report, out)
 
 
@@ -266,6 +276,7 @@ def cmd_locate(args) -> int:
     _check_golden_matches(rec, args)
     _port_backend(args, rec.spec.dtype)
     port_spec = _port_spec(args)
+    rename = _module_names(args)
     policy = load_policy(args.policy)
     policy.module_bound("default", rec.spec.dtype)
     stages = [args.stage] if args.stage else list(LOCATABLE_STAGES)
@@ -290,7 +301,7 @@ def cmd_locate(args) -> int:
                              "(parity/contract.py), so locate cannot run its modules; "
                              "`sdxl-parity check --port` gives its stage verdicts")
         found = [locate(rec, port, policy, stage, sampler=args.sampler, step=args.step,
-                        log=log).to_dict() for stage in stages]
+                        log=log, rename=rename).to_dict() for stage in stages]
     headline = write_locate_reports(found, out, meta={"command": _command(args),
                                                       "recording": str(rec.path),
                                                       "checkpoint": str(ckpt),
@@ -300,7 +311,8 @@ def cmd_locate(args) -> int:
     print(headline)
     print(f"report: {out / 'index.html'}  ({out / 'report.json'}, {out / 'report.md'})")
     named = any(loc["first_divergent_module"] or loc.get("divergence") for loc in found)
-    return EXIT_FAILED if named else EXIT_OK
+    unpaired = headline.startswith("UNPAIRED")  # nothing compared is no pass
+    return EXIT_FAILED if named or unpaired else EXIT_OK
 
 
 def cmd_diff_weights(args) -> int:
@@ -428,6 +440,13 @@ def _add_run_options(p, spec_options: bool = True) -> None:
                        help="fail unless the golden was recorded with this dtype")
 
 
+def _add_module_names(p) -> None:
+    p.add_argument("--module-names", default=None, metavar="FILE",
+                   help="TOML [rename] table of port name prefix = sgm name prefix, for a "
+                        "port whose module names differ from sgm's (pairing for --locate and "
+                        "module truths; see parity/module_names.py)")
+
+
 def _add_check_options(p) -> None:
     p.add_argument("--port", default=None, metavar="MODULE:FACTORY",
                    help="the port to check: a factory(checkpoint, dtype) returning an object "
@@ -448,6 +467,7 @@ def _add_check_options(p) -> None:
                         "expiry, looser bound): a matching failure within its bound is verdict "
                         "'waived' and the run passes; an expired, stale or exceeded waiver "
                         "fails it (see parity/waivers.py)")
+    _add_module_names(p)
     p.add_argument("--locate", action="store_true",
                    help="name the first divergent module of the first failing stage "
                         "(conditioner, unet or decode), each port module run on the "
@@ -544,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--port", default=None, metavar="MODULE:FACTORY",
                     help="the port whose modules are run: its factory's object must offer "
                          "cells() (parity/contract.py; default: the built-in sdxl_ms port)")
+    _add_module_names(lo)
     _add_run_options(lo, spec_options=False)
     lo.set_defaults(func=cmd_locate)
 

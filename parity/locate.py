@@ -32,7 +32,8 @@ from sdxl_common.progress import bar as progress_bar
 from .metrics import against_truth, compare, rel_l2
 from .module_capture import CaptureIndex, CaptureReader
 from .module_layouts import match
-from .module_pairs import (LOCATABLE_STAGES, ModulePair, Rename, layout_config, pair_with_port)
+from .module_names import Rename, port_rename
+from .module_pairs import LOCATABLE_STAGES, ModulePair, layout_config, pair_with_port
 from .module_table import Localisation, ModuleRow
 from .port_cells import CallPlan, PortCells, has_cells, plain_call, to_numpy
 from .recording import Recording
@@ -107,7 +108,7 @@ class PortRun:
         self.cfg = layout_config(rec.weights())
         self.pairing = pair_with_port(self.cells.roots(self.stage), self.cfg, self.stage,
                                       index.kinds(), index.containers or _containers_of(index),
-                                      rename)
+                                      port_rename(port, rename))
         position = {p.reference: j for j, p in enumerate(index.pairs)}
         self.paired: Dict[int, ModulePair] = {position[p.reference]: p
                                               for p in self.pairing.pairs}
@@ -297,8 +298,8 @@ def has_module_truths(rec: Recording, stage: str) -> bool:
                                      for m in found[0].get("modules", []))
 
 
-def judge_module_truths(rec: Recording, port, policy, stage: str,
-                        unrun: List[str]) -> List[TensorResult]:
+def judge_module_truths(rec: Recording, port, policy, stage: str, unrun: List[str],
+                        rename: Optional[Rename] = None) -> List[TensorResult]:
     """Each captured module of `stage` judged by its truth ratio, as tensors of that stage
     (`module/<sgm name>`): in reduced precision a module can be broken by far less than the
     stage's spread of precision noise (float16 GroupNorm statistics: module truth ratio 2.1-2.8
@@ -311,7 +312,7 @@ def judge_module_truths(rec: Recording, port, policy, stage: str,
     step = reader.index.step if stage == "unet" else None
     results: List[TensorResult] = []
     try:
-        run = PortRun(port, reader, rec)
+        run = PortRun(port, reader, rec, rename)
         run.free_run()
         for _, pair, recorded, out, error in run.own_outputs(f"port: module truths of {stage}"):
             found = policy.module_truth_bound(pair.kind, rec.spec.dtype)
@@ -366,7 +367,8 @@ def needs_live_capture(rec: Recording, stage: str, sampler: Optional[str] = None
 
 def locate(rec: Recording, port, policy, stage: str, *, sampler: Optional[str] = None,
            step: Optional[int] = None, work_dir: Optional[Path] = None,
-           reference=None, log: Callable[[str], None] = lambda s: None) -> Localisation:
+           reference=None, log: Callable[[str], None] = lambda s: None,
+           rename: Optional[Rename] = None) -> Localisation:
     """The module table of `stage`: from the recording's own module capture when it has one
     for this sampler and step, else captured now from the reference (needs torch), always on
     the weights the recording was made with (`Recording.weights`), not the port's checkpoint:
@@ -393,15 +395,15 @@ def locate(rec: Recording, port, policy, stage: str, *, sampler: Optional[str] =
                 work_dir = stack.enter_context(
                     tempfile.TemporaryDirectory(prefix="sdxl-parity-locate-"))
             index, path = capture_to(reference, rec, *target.at, work_dir, log=log)
-            return _locate_from_capture(port, rec, policy, path, index, log)
+            return _locate_from_capture(port, rec, policy, path, index, log, rename)
     index, path = found
-    return _locate_from_capture(port, rec, policy, path, index, log)
+    return _locate_from_capture(port, rec, policy, path, index, log, rename)
 
 
 def _locate_from_capture(port, rec: Recording, policy, path: Path, index: CaptureIndex,
-                         log) -> Localisation:
+                         log, rename: Optional[Rename]) -> Localisation:
     reader = CaptureReader(path, index)
     try:
-        return locate_in_port(port, reader, rec, policy, log=log)
+        return locate_in_port(port, reader, rec, policy, log=log, rename=rename)
     finally:
         reader.close()

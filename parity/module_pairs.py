@@ -72,9 +72,6 @@ def _common_prefix(paths: Sequence[str]) -> str:
     return ".".join(out)
 
 
-Rename = Callable[[str], str]
-
-
 def sgm_names(cfg) -> Dict[str, List[str]]:
     """sgm parameter name -> the diffusers parameter names (component-prefixed) it holds."""
     from sdxl_ms.weights.keymap import pipeline_rules
@@ -100,18 +97,17 @@ def layout_config(checkpoint) -> object:
     return _layout_of(str(checkpoint))
 
 
-def _network_root(roots: Sequence[Tuple[str, object]], prefix: str):
-    """The port cell at the sgm path `prefix` ("model.diffusion_model."), found below one of the
-    stage's roots, or None."""
+def _network_root(roots: Sequence[Tuple[str, object]], prefix: str,
+                  rename: Callable[[str], str]) -> Optional[Tuple[str, object]]:
+    """(port path, cell) of the network at the sgm path `prefix` ("model.diffusion_model."),
+    found below one of the stage's roots under its renamed path, or None."""
     want = prefix.rstrip(".")
     for root_prefix, root in roots:
-        if want == root_prefix:
-            return root
-        if want.startswith(root_prefix + "."):
-            try:
-                return cell_at(root, want[len(root_prefix) + 1:])
-            except KeyError:
-                continue
+        if rename(root_prefix) == want:
+            return root_prefix, root
+        for name, cell in root.cells_and_names():
+            if name and rename(f"{root_prefix}.{name}") == want:
+                return f"{root_prefix}.{name}", cell
     return None
 
 
@@ -130,12 +126,13 @@ class Pairing:
 
 def pair_with_port(roots: Sequence[Tuple[str, object]], cfg, stage: str,
                    captured: Dict[str, str], containers: Sequence[str] = (),
-                   rename: Optional[Rename] = None) -> Pairing:
+                   rename: Optional[Callable[[str], str]] = None) -> Pairing:
     """Pair the port's modules of `stage` (`roots`: (sgm path, cell) from the contract's
     `cells()`) with the captured reference modules (`captured`: reference name -> kind), through
     the parameter names each module owns and the key maps; `containers` are the reference's
-    plain containers (a counterpart there is the module that holds it); `rename` maps a port
-    name that differs from sgm's further. Pairs come in the port's module-tree order."""
+    plain containers (a counterpart there is the module that holds it); `rename` maps a full
+    port name that differs from sgm's (`module_names`). Pairs come in the port's module-tree
+    order, each with its sgm name and its port path."""
     from sdxl_ms.weights.mindspore_ckpt import canonical_name
 
     to_diffusers = sgm_names(cfg)
@@ -143,15 +140,18 @@ def pair_with_port(roots: Sequence[Tuple[str, object]], cfg, stage: str,
     containers = set(containers)
     pairs: List[ModulePair] = []
     port_alone: List[str] = []
+    used = set()
     for prefix, component in STAGE_NETWORKS[stage]:
-        network = _network_root(roots, prefix)
-        if network is None:
+        found = _network_root(roots, prefix, rename)
+        if found is None:
             continue
+        used.add(found[0].split(".")[0])
+        at, network = found[0] + ".", found[1]  # the network's port path
         cells = [(name, cell) for name, cell in network.cells_and_names() if name]
         counterpart: Dict[str, str] = {}
         for name, cell in reversed(cells):  # children before parents
             mapped = [d for rel, _ in cell.parameters_and_names()
-                      for d in to_diffusers.get(canonical_name(rename(f"{prefix}{name}.{rel}")),
+                      for d in to_diffusers.get(canonical_name(rename(f"{at}{name}.{rel}")),
                                                 [])]
             if not mapped:
                 continue
@@ -163,19 +163,22 @@ def pair_with_port(roots: Sequence[Tuple[str, object]], cfg, stage: str,
                 path = _parent(path)
             counterpart[name] = path
         for name, _ in cells:
-            sgm = rename(prefix + name)
+            sgm = rename(at + name)
             if sgm in PARAMETER_FREE:
                 counterpart[name] = PARAMETER_FREE[sgm]
         for name, cell in cells:
             if _is_sequence(cell):
                 continue
             ref = counterpart.get(name)
-            sgm = rename(prefix + name)
+            sgm = rename(at + name)
             if ref in captured:
                 pairs.append(ModulePair(sgm[len(prefix):] if sgm.startswith(prefix) else sgm,
-                                        ref, captured[ref], prefix + name))
+                                        ref, captured[ref], at + name))
             elif ref is None and list(cell.get_parameters(expand=False)):
                 port_alone.append(sgm)  # weights the key maps know no counterpart of
+    # a root in which no sgm network was found: its names are not sgm's at all
+    port_alone += [f"{root} (no sgm network under it)" for root, _ in roots
+                   if root.split(".")[0] not in used]
     seen, unique = set(), []
     for p in pairs:  # one port module per reference module (the first, outermost)
         if p.reference not in seen:

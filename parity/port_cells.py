@@ -75,11 +75,21 @@ class PortCells:
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
-        """The port's own `eager()` where it offers one (a port that compiles parts of itself
-        says how to stop), else as it is: hooks fire only outside compiled graphs."""
+        """MindSpore's PyNative mode (a port set to GRAPH_MODE is switched for as long as this
+        lasts: hooks fire only outside compiled graphs), and the port's own `eager()` where it
+        offers one (a port that compiles parts of itself with ms.jit says how to stop)."""
+        import mindspore as ms
+
+        mode = ms.get_context("mode")
+        if mode != ms.PYNATIVE_MODE:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
         own = getattr(self.port, "eager", None)
-        with (own() if callable(own) else contextlib.nullcontext()):
-            yield
+        try:
+            with (own() if callable(own) else contextlib.nullcontext()):
+                yield
+        finally:
+            if mode != ms.PYNATIVE_MODE:
+                ms.set_context(mode=mode)
 
     @contextlib.contextmanager
     def observe(self, modules: Sequence[object],

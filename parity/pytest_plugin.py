@@ -63,9 +63,17 @@ class ParitySession:
     def _option(self, name: str):
         return self.config.getoption(name)
 
-    def _run_check(self):
+    def _temporary_report_dir(self) -> Path:
+        """Without --sdxl-report, the report goes under pytest's own temporary base (which
+        pytest prunes to the last few runs), not a folder of its own in the temp dir."""
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        if factory is not None:
+            return factory.mktemp("sdxl-parity-report")
         import tempfile
 
+        return Path(tempfile.mkdtemp(prefix="sdxl-parity-pytest-"))
+
+    def _run_check(self):
         from sdxl_common.errors import InputError
 
         from .cli import stage_selection
@@ -86,8 +94,7 @@ class ParitySession:
                 waivers = load_waivers(self._option("sdxl_waivers"))
             stages = stage_selection(self._option("sdxl_stages"))
             report_dir = self._option("sdxl_report")
-            self.out = Path(report_dir) if report_dir else Path(
-                tempfile.mkdtemp(prefix="sdxl-parity-pytest-"))
+            self.out = Path(report_dir) if report_dir else self._temporary_report_dir()
             self.report = check(rec, self.out, policy=policy, port_spec=spec,
                                 checkpoint=self._option("sdxl_checkpoint"), stages=stages,
                                 locate=self._option("sdxl_locate"), waivers=waivers)

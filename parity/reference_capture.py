@@ -25,7 +25,7 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
     output go to `path` as it returns, the first call only (CLIP-L's layers run once per
     encode).
 
-    `truth` (the reference in float64 on the same rounded weights, `record.round_weights`):
+    `truth` (the reference in float64 on the same rounded weights, `reference_run.round_weights`):
     each module's float64 twin also runs on exactly the arguments the reference module got,
     upcast, so every module has its own truth ("truth"): in reduced precision a module's own
     error is judged against the reference module's own error, as stages are."""

@@ -17,7 +17,7 @@ from . import eta, framework
 from .policy import Policy, load_policy
 from .recording import Recording, RunSpec, resolve_checkpoint
 from .guard import PortError, PortGuard
-from .isolated import peak_rss_bytes
+from .reference_process import peak_rss_bytes
 from .port_cells import has_cells
 from .ports import BUILTIN, PortSpec, describe, load_port, own_description
 from .results import ParityReport, StageResult, Verdict
@@ -29,7 +29,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
           stages: Sequence[str] = STAGES, fail_fast: bool = False,
           junit_xml: Optional[Path] = None, log: Callable[[str], None] = lambda s: None,
           command: Optional[str] = None, locate: bool = False,
-          reference_process: Optional[Dict] = None, waivers=None) -> ParityReport:
+          reference_process: Optional[Dict] = None, waivers=None,
+          rename=None) -> ParityReport:
     """Check a port against a recording. `locate`: name the first divergent module of the
     first failing stage (`parity.locate`). `port` is a built port object; else it is built from
     `port_spec` (default: the built-in MindSpore port) on the checkpoint and dtype recorded.
@@ -55,7 +56,7 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,
                            fail_fast, junit_xml, log, command, locate, reference_process,
-                           waivers, weights)
+                           waivers, weights, rename)
 
 
 def _weights_vs_golden(rec: Recording, ckpt: Path, out_dir: Path,
@@ -87,12 +88,12 @@ def _weights_vs_golden(rec: Recording, ckpt: Path, out_dir: Path,
 
 def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fail_fast,
                 junit_xml, log, command, locate, reference_process, waivers,
-                weights) -> ParityReport:
+                weights, rename) -> ParityReport:
     from .reports import write_reports
 
     spec = rec.spec
     ctx = StageContext(port=PortGuard(port), rec=rec, policy=policy, out_dir=out_dir,
-                       dtype=spec.dtype)
+                       dtype=spec.dtype, rename=rename)
     chosen = [name for name in STAGES if name in stages]
     own_clock = eta.current() is None  # `check` alone: the port's work is the whole run
     if own_clock:
@@ -105,7 +106,7 @@ def _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages, fa
             eta.start(None)
     localisation = []
     if locate and failed is not None:
-        localisation = locate_failure(rec, port, policy, results[failed], ckpt, log)
+        localisation = locate_failure(rec, port, policy, results[failed], ckpt, log, rename)
     meta = {
         "command": command or command_line(), "spec": _spec_dict(spec), "policy": policy.name,
         "policy_source": policy.source, "dtype": spec.dtype, "checkpoint": str(ckpt),
@@ -188,7 +189,7 @@ def _with_module_truths(ctx: StageContext, result: StageResult) -> StageResult:
                             f"'{policy.name}' has no [module_truth.{dtype}] bounds")
         return result
     unrun: List[str] = []
-    modules = judge_module_truths(rec, port, policy, result.name, unrun)
+    modules = judge_module_truths(rec, port, policy, result.name, unrun, ctx.rename)
     notes = [f"{len(modules)} modules judged by their own float64 truth ratio (each module on "
              "the reference module's recorded inputs)"]
     if unrun:
@@ -237,7 +238,7 @@ NO_MODULES_NOTE = ("--locate: this port offers no cells() (parity/contract.py), 
 
 
 def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckpt: Path,
-                   log: Callable[[str], None]) -> List[Dict]:
+                   log: Callable[[str], None], rename=None) -> List[Dict]:
     """The module table of a failing stage, at the sampler and step of its first failure (a
     note in the stage where it cannot be localised). The reference runs on the golden's own
     weights; `ckpt` is the port's checkpoint, named in the finding where it differs."""
@@ -256,7 +257,8 @@ def locate_failure(rec: Recording, port, policy: Policy, stage: StageResult, ckp
         name, step = stage.first_failure
         sampler = name.split("/")[0]
     log(f"locating the first divergent module of stage {stage.name}")
-    loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step, log=log)
+    loc = locate(rec, port, policy, stage.name, sampler=sampler, step=step, log=log,
+                 rename=rename)
     if loc.culprit is None and loc.divergence is None:
         loc.note = _nothing_named(rec, port, ckpt, loc, log)
     return [loc.to_dict()]
@@ -292,10 +294,10 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         fail_fast: bool = False, junit_xml: Optional[Path] = None,
         log: Callable[[str], None] = lambda s: None, command: Optional[str] = None,
         locate: bool = False, truth: bool = False, modules: bool = False,
-        quiet: bool = False, waivers=None) -> ParityReport:
-    """Record the reference in a process of its own (`parity.isolated`), then check the port
+        quiet: bool = False, waivers=None, rename=None) -> ParityReport:
+    """Record the reference in a process of its own (`parity.reference_process`), then check the port
     here: the two are never resident together."""
-    from .isolated import record_isolated
+    from .reference_process import record_isolated
 
     policy = policy or load_policy()
     policy.check_covers(stages, spec.dtype)  # a policy that cannot judge fails before any work
@@ -312,7 +314,7 @@ def run(spec: RunSpec, out_dir: Path, *, policy: Optional[Policy] = None,
         return check(rec, out_dir, policy=policy, port_spec=port_spec, checkpoint=str(ckpt),
                      stages=stages, fail_fast=fail_fast, junit_xml=junit_xml, log=log,
                      command=command, locate=locate, reference_process=stats,
-                     waivers=waivers)
+                     waivers=waivers, rename=rename)
     finally:
         eta.start(None)
 

@@ -3,7 +3,7 @@
 The port owns the samplers (`sdxl_ms.sampling.SAMPLERS`); the harness owns how each one is
 compared with diffusers: which scheduler, which options that scheduler has, how many UNet
 calls it makes and which of its callback latents are full steps. Kept here, not read from the
-port, so the harness does not import it; `tests/test_sampler_registry.py` checks that the two
+port, so the harness does not import it; `tests/test_parity/test_sampler_registry.py` checks that the two
 agree.
 """
 from __future__ import annotations

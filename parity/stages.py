@@ -33,6 +33,7 @@ class StageContext:
     dtype: str = "float32"
     port_images: Dict[str, np.ndarray] = field(default_factory=dict)  # filled by trajectory
     notes: Dict[str, List[str]] = field(default_factory=dict)  # per stage, shown in the report
+    rename: Optional[Callable[[str], str]] = None  # `--module-names`: port names -> sgm's
 
     def judge(self, stage: str, name: str, ref, port, step: Optional[int] = None,
               truth=None) -> TensorResult:

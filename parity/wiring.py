@@ -151,7 +151,8 @@ def _pooled_row(reader: CaptureReader, pooled: np.ndarray, cells, tol: float,
     `text_projection` (a bare parameter, no module): the position whose projected row the
     port's pooled output holds, when it is not the EOS token's."""
     final = next((j for j, pair in enumerate(reader.index.pairs)
-                  if pair.port_path.endswith("embedders.1.model.ln_final")), None)
+                  if pair.reference == "text_encoder_2/text_model.final_layer_norm"
+                  and pair.module), None)
     projection = next((prm for name, prm in cells.parameters("conditioner")
                        if name.endswith("embedders.1.model.text_projection")), None)
     if final is None or projection is None or pooled.ndim != 2:

@@ -18,7 +18,7 @@ from sdxl_common.images import to_uint8
 from sdxl_common.progress import bar as progress_bar
 from sdxl_common.validate import check_choice, check_finite_number
 
-from .backend import init_runtime, settings
+from .runtime import init_runtime, settings
 from .config import SDXLConfig, get_preset
 from .models.sdxl import SDXL, build_sdxl
 from .nn.module import submodule

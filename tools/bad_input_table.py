@@ -1,4 +1,4 @@
-"""Print the README's "Bad input" table from the cases in tests/test_bad_input.py.
+"""Print the README's "Bad input" table from the cases in tests/test_parity/test_bad_input.py.
 
 Each case is run exactly as the test runs it; the message column is what the tool printed,
 with the temporary folder shown as `TMP/`. Run from the repository root:
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests" / "test_parity"), str(ROOT / "tests"), str(ROOT)]
 
 
 def main() -> int:

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from parity.isolated import record_to_folder
+    from parity.reference_process import record_to_folder
     from parity.recording import Recording, RunSpec, resolve_checkpoint
     from parity.runner import check
     from sdxl_ms import load_pipeline

@@ -11,7 +11,7 @@ from sdxl_common.atomic import atomic_write_text
 
 from parity.results import module_headline
 
-from .modules import html_sections, markdown_lines
+from .modules import html_sections, markdown_lines, unpaired_text
 from .json_report import jsonable
 
 
@@ -25,6 +25,10 @@ def locate_headline(localisation: List[Dict[str, Any]]) -> str:
     if wiring is not None:
         where = "" if wiring.get("step") is None else f", step {wiring['step']}"
         return f"FAIL at stage '{wiring['stage']}'{where}: {wiring['divergence']['text']}"
+    alone = next((loc for loc in localisation if not loc["modules"]
+                  and loc.get("unpaired", {}).get("reference_modules")), None)
+    if alone is not None:
+        return f"UNPAIRED at stage '{alone['stage']}': {unpaired_text(alone)}"
     counted = ", ".join(f"{loc['stage']} {len(loc['modules'])}" for loc in localisation)
     return f"PASS: no module over its bound (modules compared: {counted})"
 

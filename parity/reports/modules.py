@@ -31,10 +31,26 @@ def culprit_text(loc: Dict[str, Any]) -> str:
             f"{m['metric']} {m['value']:.3g} > bound {m['bound']:.3g}")
 
 
+def unpaired_text(loc: Dict[str, Any]) -> str:
+    """What pairing left alone, in one line."""
+    u = loc.get("unpaired", {})
+    port, ref = u.get("port_modules", []), u.get("reference_modules", [])
+    text = (f"{len(loc['modules'])} port modules paired; {len(ref)} captured reference "
+            f"modules computed by no port module")
+    if port:
+        text += (f", {len(port)} port modules whose weights have no sgm counterpart (first: "
+                 f"'{port[0]}'; map names with --module-names FILE or the port's sgm_name())")
+    if u.get("not_called"):
+        text += f", {len(u['not_called'])} paired but never called"
+    return text
+
+
 def markdown_lines(localisation: Sequence[Dict[str, Any]]) -> List[str]:
     lines: List[str] = []
     for loc in localisation:
         lines += ["", f"## {_title(loc)}", "", "- " + culprit_text(loc),
+                  *([f"- unpaired: {unpaired_text(loc)} (listed in report.json)"]
+                    if any(loc.get("unpaired", {}).values()) else []),
                   "- own: the port module on the reference's recorded inputs; accumulated: "
                   "the port's stage run freely; '-' where the port does not call the module "
                   "on its own (a layout entry point) or does not run it", ""]

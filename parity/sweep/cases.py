@@ -129,7 +129,7 @@ def _output_to(path: Path, header: str) -> Iterator[None]:
 
 
 def _record(task: CaseTask, log) -> Dict[str, Any]:
-    from ..isolated import peak_rss_bytes, record_to_folder
+    from ..reference_process import peak_rss_bytes, record_to_folder
     from ..recording import RunSpec
     from ..recording import resolve_checkpoint
 
@@ -174,7 +174,7 @@ def _clear(folder: Path) -> None:
 
 
 def _check(task: CaseTask, log) -> Dict[str, Any]:
-    from ..isolated import peak_rss_bytes
+    from ..reference_process import peak_rss_bytes
     from ..policy import load_policy
     from ..ports import PortSpec
     from ..recording import Recording

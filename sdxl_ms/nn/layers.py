@@ -14,10 +14,10 @@ from typing import Optional
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
-from .module import Module, observed
+from .module import Module
 
 
 def new_parameter(shape) -> Parameter:
@@ -90,13 +90,14 @@ class Linear(Module):
 
     def transposed_out(self, p, x2d):
         """Row-major tokens (N, in) -> the transposed output (out, N)."""
-        self.notify_input(p, x2d)
+        if self.observing:  # a class constant: graph mode folds it away
+            self.notify_input(p, x2d)
         p = p[self.key]
         return linear_t(x2d, p["weight"], self.optional(p, "bias"))
 
     def from_transposed(self, p, y_t):
         """Transposed activations (in, N) -> row-major tokens (N, out)."""
-        if observed(self):
+        if self.observing:
             self.notify_input(p, y_t.transpose())
         p = p[self.key]
         return linear_from_t(y_t, p["weight"], self.optional(p, "bias"))
@@ -104,7 +105,7 @@ class Linear(Module):
     def from_channels_first(self, p, x):
         """An NCHW map (B, in, H, W) -> row-major tokens (B*H*W, out). Each image's (in, HW)
         block is the transposed layout, so the transpose is a MatMul flag, image by image."""
-        if observed(self):
+        if self.observing:
             self.notify_input(p, x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
                               .reshape(-1, x.shape[1]))
         p = p[self.key]
@@ -116,7 +117,8 @@ class Linear(Module):
     def to_channels_first(self, p, tokens, shape):
         """Row-major tokens (B*H*W, in) -> an NCHW map of `shape` (B, out, H, W), the
         transpose again a MatMul flag."""
-        self.notify_input(p, tokens)
+        if self.observing:
+            self.notify_input(p, tokens)
         p = p[self.key]
         b, length = shape[0], shape[2] * shape[3]
         y = ops.stack([linear_t(tokens[i * length:(i + 1) * length], p["weight"])

@@ -9,7 +9,7 @@ a layer of a `Sequential`, which has no weights of its own). In PyNative `p` is 
 itself (`module["norm1"]` is its attribute), so the code reads like sgm's and runs on the
 Parameters directly.
 
-In the "blocks" graph mode (`backend.settings.set_jit("blocks")`) the modules marked
+In the "blocks" graph mode (`runtime.settings.set_jit("blocks")`) the modules marked
 `graph_unit` (ResBlock, SpatialTransformer, text layers, VAE blocks) run through one ms.jit
 graph per structure: the graph traces the first such module's `forward` with its weights as an input
 (plain Tensors, `weight_inputs`), so every layer with the same structure and
@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ..backend import init_runtime, jit_enabled, settings
+from ..runtime import init_runtime, jit_enabled, settings
 
 _unit_graphs: Dict[Tuple, Any] = {}
 # id(module) -> ([pre-hooks], [forward hooks]), each (hook_fn, with_kwargs): the observer slot
@@ -50,6 +50,7 @@ class ObserverHandle:
         hooks[self._which].remove(self._entry)
         if not any(hooks):
             del _OBSERVERS[self._key]
+        Module.observing = bool(_OBSERVERS)
 
 
 def observed(module) -> bool:
@@ -61,6 +62,7 @@ def _observe(module, which: int, hook_fn, with_kwargs: bool, prepend: bool) -> O
     entry = (hook_fn, with_kwargs)
     hooks = _OBSERVERS.setdefault(id(module), ([], []))[which]
     hooks.insert(0, entry) if prepend else hooks.append(entry)
+    Module.observing = True
     return ObserverHandle(module, which, entry)
 
 
@@ -84,6 +86,9 @@ class Module(nn.Cell):
 
     key = ""  # the name under which the parent holds this module (set when it is assigned)
     graph_unit = False  # one shared graph per structure in "blocks" mode
+    # True while any module has a hook: code that graph mode compiles (the Linear's layout
+    # entry points) tests this class constant, which the compiler folds away when False
+    observing = False
 
     def __setattr__(self, name, value):
         if isinstance(value, (Module, nn.CellList)):

@@ -7,7 +7,7 @@ grid timestep or None off the grid; `x` is the starting latent at `schedule.sigm
 `make_sampler(name, num_steps, schedule)` bundles a sampler with the grid diffusers would use.
 
 Where sgm and the diffusers scheduler differ, `variant="diffusers"` (default) follows diffusers
-and the docstring gives the difference measured on `tests/test_sampling.py`'s fake network
+and the docstring gives the difference measured on `tests/test_sdxl_ms/test_sampling.py`'s fake network
 (4x8x8 latent, CFG 5, final latents max |diff| relative to max |latent|).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ only ever checked that port could lean on it. This one shares none of its model 
 `nn.LayerNorm`, `nn.Embedding`) in sgm's module tree, its own `.ckpt` loader and its own numpy
 sampler loop. From `sdxl_ms` it takes only the BPE tokenizers (`sdxl_ms.tokenizer`: the CLIP
 vocabulary built offline); it never imports `sdxl_ms.models`, `.nn`, `.pipeline` or
-`.sampling` (tests/test_outside_port.py checks the imports).
+`.sampling` (tests/test_parity/test_outside_port.py checks the imports).
 
     config.py      the tiny preset's numbers, copied from sdxl_ms/config.py (TINY)
     layers.py      float32 norms, activations, attention, the sinusoid; `Defects`

@@ -231,3 +231,36 @@ def make_tanh_geglu(checkpoint, dtype="float32"):
 def make_fp16_clip_softmax(checkpoint, dtype="float32"):
     """CLIP-L (embedders.0) layer 0's attention softmax in float16."""
     return OutsidePort(checkpoint, dtype, Defects(fp16_clip_softmax=True))
+
+
+class RenamedPort(OutsidePort):
+    """The same port declaring its networks under names of its own ("unet", "vae", "clip_l",
+    "clip_g"), as a port that does not follow sgm's tree above the networks would: pairing
+    needs a mapping (`--module-names`, or `sgm_name` on the port)."""
+
+    def cells(self) -> Dict[str, List[Tuple[str, nn.Cell]]]:
+        embedders = self.root.conditioner.embedders
+        return {"conditioner": [("clip_l", embedders[0]), ("clip_g", embedders[1])],
+                "unet": [("unet", self.root.model.diffusion_model)],
+                "decode": [("vae", self.root.first_stage_model)]}
+
+
+class SelfRenamingPort(RenamedPort):
+    """The renamed port that says how its names map (the contract's optional `sgm_name`)."""
+
+    SGM = {"clip_l": "conditioner.embedders.0", "clip_g": "conditioner.embedders.1",
+           "unet": "model.diffusion_model", "vae": "first_stage_model"}
+
+    def sgm_name(self, name: str) -> str:
+        head, dot, rest = name.partition(".")
+        return self.SGM.get(head, head) + dot + rest
+
+
+def make_renamed(checkpoint, dtype="float32"):
+    """Networks under names of the port's own, with GEGLU in tanh (a defect to be named)."""
+    return RenamedPort(checkpoint, dtype, Defects(tanh_geglu=True))
+
+
+def make_self_renaming(checkpoint, dtype="float32"):
+    """As `make_renamed`, with the port's own `sgm_name`."""
+    return SelfRenamingPort(checkpoint, dtype, Defects(tanh_geglu=True))

@@ -2,15 +2,15 @@
 and remaining-time projection rest on the real amount of work."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from parity import eta
 from parity.recording import Recording, resolve_checkpoint
 from parity.runner import check
+from conftest import REPO_ROOT
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "tiny-default"
+GOLDEN = REPO_ROOT / "fixtures" / "golden" / "tiny-default"
 
 
 def test_plan_counts_calls_and_decodes():
@@ -60,7 +60,7 @@ def test_check_counts_exactly_the_planned_port_work(tmp_path):
 
 
 def test_recording_counts_exactly_the_planned_reference_and_truth(tmp_path, monkeypatch):
-    from parity.isolated import record_to_folder
+    from parity.reference_process import record_to_folder
     from parity.recording import RunSpec
 
     started = []

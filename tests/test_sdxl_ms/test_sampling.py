@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_euler_discrete
 
-from parity.record import full_step_latents
+from parity.reference_run import full_step_latents
 from parity.sampler_registry import unet_calls_per_sampler
 from parity.schedulers import (DIFFUSERS_SCHEDULERS, diffusers_scheduler_config,
                                diffusers_scheduler_spec)

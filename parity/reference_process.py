@@ -51,7 +51,7 @@ def _with_eta(log):
 def _record(spec, checkpoint, folder, truth, modules, sampler, step, log) -> Recording:
     import tempfile
 
-    from .record import load_truth, record, record_truth
+    from .reference_run import load_truth, record, record_truth
     from .reference import load_reference
 
     ref = load_reference(checkpoint, dtype=spec.dtype)

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from mindspore.nn.utils import no_init_parameters
 
 from conftest import read_reference_keys, rel_l2
-from sdxl_ms.backend import init_runtime
+from sdxl_ms.runtime import init_runtime
 from sdxl_ms.config import SDXL_BASE, TINY
 from sdxl_ms.models.unet import UNetModel
 from sdxl_ms.nn.layers import timestep_embedding

@@ -1,5 +1,5 @@
 """Every execution path of the port against diffusers: the three jit modes of
-`backend.settings.set_jit` (PyNative, shared block graphs, whole-model graphs). The speed work must not move a result past fp32 rounding, so each
+`runtime.settings.set_jit` (PyNative, shared block graphs, whole-model graphs). The speed work must not move a result past fp32 rounding, so each
 path meets the same 1e-5 relative-L2 bound as the component-parity tests, on the tiny
 checkpoint, through the stage contract.
 """
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import rel_l2
 from parity.reference import load_reference
-from sdxl_ms import backend, load_pipeline
+from sdxl_ms import load_pipeline, runtime
 from sdxl_ms.nn import layers
 
 PROMPT = "a red cube on a blue table, studio light"
@@ -44,8 +44,8 @@ def wanted(ref):
 
 @pytest.fixture
 def jit():
-    yield backend.settings.set_jit
-    backend.settings.set_jit("off")
+    yield runtime.settings.set_jit
+    runtime.settings.set_jit("off")
 
 
 def check_stages(port, wanted):
@@ -58,14 +58,14 @@ def check_stages(port, wanted):
 
 
 def test_pynative_matches_diffusers(port, wanted):
-    assert backend.settings.jit == "off"
+    assert runtime.settings.jit == "off"
     check_stages(port, wanted)
 
 
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 def test_jit_modes_match_diffusers(port, wanted, jit, mode):
     jit(mode)
-    assert backend.settings.jit == mode
+    assert runtime.settings.jit == mode
     check_stages(port, wanted)
     compiled = compile_count()
     check_stages(port, wanted)  # the second call runs the cached graphs: no compile
@@ -122,11 +122,11 @@ def test_model_graph_follows_a_patched_layer(port, wanted, jit):
 
 def test_jit_mode_names():
     for given, mode in [(False, "off"), (True, "blocks"), ("1", "blocks"), ("MODEL", "model")]:
-        backend.settings.set_jit(given)
-        assert backend.settings.jit == mode
-    backend.settings.set_jit("off")
+        runtime.settings.set_jit(given)
+        assert runtime.settings.jit == mode
+    runtime.settings.set_jit("off")
     with pytest.raises(ValueError, match="jit mode must be one of off, blocks, model"):
-        backend.settings.set_jit("fast")
+        runtime.settings.set_jit("fast")
 
 
 @pytest.mark.parametrize("variable, value, message", [
@@ -136,14 +136,14 @@ def test_jit_mode_names():
 def test_bad_switch_values_name_the_variable(monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError) as err:
-        backend.ExecutionSettings().read_env()
+        runtime.ExecutionSettings().read_env()
     assert str(err.value) == message
 
 
 def test_setters_override_the_environment(monkeypatch):
     monkeypatch.setenv("SDXL_MS_JIT", "model")
     monkeypatch.setenv("SDXL_MS_THREADS", "0")
-    fresh = backend.ExecutionSettings()
+    fresh = runtime.ExecutionSettings()
     fresh.read_env()
     assert (fresh.jit, fresh.threads) == ("model", None)
     fresh.set_jit("blocks")

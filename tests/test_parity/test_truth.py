@@ -107,7 +107,7 @@ def test_bfloat16_on_the_cpu_is_one_line_and_exit_2(tmp_path):
 def fp16_modules(tmp_path_factory):
     """A float16 recording with every module's float64 truth (`record --modules --truth`),
     and the float16 port."""
-    from parity.isolated import record_to_folder
+    from parity.reference_process import record_to_folder
     from parity.recording import Recording, RunSpec
     from parity.recording import resolve_checkpoint
     from sdxl_ms import load_pipeline

@@ -15,7 +15,8 @@ from parity.cli import main
 from parity.sweep.sweep_file import load_sweep, parse_sweep
 from sdxl_common.errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 PORTS = REPO_ROOT / "tests" / "sweep_ports.py"
 PROMPT = "a lighthouse on a rocky coast at dusk"
 

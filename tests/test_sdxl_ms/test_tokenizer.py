@@ -3,11 +3,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from sdxl_ms.tokenizer import (MAX_LENGTH, VOCAB_SIZE, load_tokenizer, tokenize, tokenizer_dir,
                                write_tokenizer_files)
 
@@ -76,7 +76,7 @@ def test_tokenizing_needs_no_torch(tmp_path):
             "ids = tokenize(load_tokenizer('!'), ['a photo of a cat'])\n"
             "assert ids[0, :6].tolist() == [49406, 320, 1125, 539, 320, 2368], ids\n")
     env = dict(os.environ, SDXL_PARITY_CACHE=str(tmp_path))
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -18,8 +17,9 @@ from parity.recording import Recording
 from parity.results import Verdict
 from parity.runner import check
 from parity.stages import STAGES
+from conftest import REPO_ROOT
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "tiny-default"
+GOLDEN = REPO_ROOT / "fixtures" / "golden" / "tiny-default"
 UNDO = []  # restores for bugs that monkeypatch cannot undo (weights changed in place)
 
 
