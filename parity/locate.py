@@ -35,7 +35,7 @@ from .module_layouts import match
 from .module_names import Rename, port_rename
 from .module_pairs import LOCATABLE_STAGES, ModulePair, layout_config, pair_with_port
 from .module_table import Localisation, ModuleRow
-from .port_cells import CallPlan, PortCells, has_cells, plain_call, to_numpy
+from .port_cells import INPUT_SOURCES, CallPlan, PortCells, has_cells, plain_call, to_numpy
 from .recording import Recording
 from .reference_capture import capture_to
 from .results import TensorResult, Verdict, exception_line
@@ -107,8 +107,7 @@ class PortRun:
         self.at = (index.stage, index.sampler, index.step)
         self.cfg = layout_config(rec.weights())
         self.pairing = pair_with_port(self.cells.roots(self.stage), self.cfg, self.stage,
-                                      index.kinds(), index.containers or _containers_of(index),
-                                      port_rename(port, rename))
+                                      index.kinds(), index.containers, port_rename(port, rename))
         position = {p.reference: j for j, p in enumerate(index.pairs)}
         self.paired: Dict[int, ModulePair] = {position[p.reference]: p
                                               for p in self.pairing.pairs}
@@ -132,8 +131,9 @@ class PortRun:
 
         def started(k: int, args: tuple, kwargs: dict) -> None:
             j = order[k]
-            recorded = {name: t for name, t in self.reader.tensors(j).items()
-                        if name in ("x", "context", "temb")}
+            members = self.reader.index.members[j]
+            recorded = {name: self.reader.tensor(j, name) for name in INPUT_SOURCES
+                        if name in members}
             plan = self.plans[j] = CallPlan(args, kwargs, recorded, self.paired[j].kind,
                                             self.reversed_batch)
             self.reversed_batch = plan.reversed_batch
@@ -163,42 +163,37 @@ class PortRun:
     def own_outputs(self, desc: str):
         """(capture position, pair, recorded tensors, the module's own output in the reference's
         layout or None, the exception it raised or None), in capture order, paired and inline
-        rows alike; modules the free run never called go to `not_called` instead."""
+        rows alike; the recorded `out` and `truth` are cut to the rows the port ran. A module
+        the free run never called (a parent reads its weights, or the run stopped before it)
+        is called as a stock Cell is, on the reference's inputs; where that fails too it goes
+        to `not_called`, not a row."""
         rows = sorted(list(self.paired) + list(self.inline_values))
         with progress_bar(total=len(rows), desc=desc, unit="module") as bar, self.cells.eager():
             for j in rows:
+                bar.update(1)
                 recorded = self.reader.tensors(j)
                 if j in self.inline_values:
                     entry = self.reader.index.pairs[j]
                     pair = ModulePair(f"(inline) {entry.reference.partition('/')[2]}",
                                       entry.reference, entry.kind, "")
                     yield j, pair, recorded, self.inline_values[j], None
-                    bar.update(1)
                     continue
                 pair, plan = self.paired[j], self.plans.get(j)
                 out, error = None, None
-                if plan is None:  # never called in the free run (a parent reads its weights,
-                    # or the run stopped before it): called as a stock Cell is, on the
-                    # reference's inputs; where that fails too, listed, not a row
-                    try:
-                        got = to_numpy(self.cells.call(self.modules[j], *plain_call(
-                            self.modules[j], recorded, pair.kind)))
-                        out = self._in_reference_layout(j, got, recorded["out"])
-                    except Exception:  # noqa: BLE001 - not callable that way: not judged
-                        self.not_called.append(pair.module)
-                        bar.update(1)
-                        continue
-                    yield j, pair, recorded, out, None
-                    bar.update(1)
-                    continue
                 try:
-                    args, kwargs = plan.call_args(recorded)
+                    args, kwargs = (plan.call_args(recorded) if plan is not None
+                                    else plain_call(self.modules[j], recorded, pair.kind))
                     got = to_numpy(self.cells.call(self.modules[j], args, kwargs))
                     out = self._in_reference_layout(j, got, recorded["out"])
                 except Exception as e:  # noqa: BLE001 - the module raised: named, never fatal
+                    if plan is None:  # not callable that way: not judged
+                        self.not_called.append(pair.module)
+                        continue
                     error = e
+                if out is not None:
+                    recorded = {k: (v[:len(out)] if k in ("out", "truth") else v)
+                                for k, v in recorded.items()}
                 yield j, pair, recorded, out, error
-                bar.update(1)
 
     def _in_reference_layout(self, j: int, got: np.ndarray, want: np.ndarray) -> np.ndarray:
         layout = self.out_layouts.get(j)
@@ -217,19 +212,6 @@ class PortRun:
                 "reference_modules": [r for r in self.pairing.reference_alone
                                       if r not in inline],
                 "not_called": self.not_called}
-
-
-def _containers_of(index: CaptureIndex) -> List[str]:
-    """For a capture recorded before containers were stored: the names above captured modules
-    that are not captured themselves (ModuleLists, Sequentials, blocks of no kind)."""
-    captured = {p.reference for p in index.pairs}
-    out = set()
-    for name in captured:
-        parent = name.rpartition(".")[0]
-        while parent and "/" in parent and parent not in captured:
-            out.add(parent)
-            parent = parent.rpartition(".")[0]
-    return sorted(out)
 
 
 def _inline_producers(index: CaptureIndex, paired: Dict[int, ModulePair]) -> Dict[int, int]:
@@ -259,13 +241,12 @@ def locate_in_port(port, reader: CaptureReader, rec: Recording, policy,
     run.free_run(log)
     rows: List[ModuleRow] = []
     for j, pair, recorded, out, error in run.own_outputs(f"port: modules of {run.stage}"):
-        want = recorded["out"][:len(out)] if out is not None else recorded["out"]
-        own = None if out is None else rel_l2(want, out)
+        own = None if out is None else rel_l2(recorded["out"], out)
         truth = {}
         found = policy.module_truth_bound(pair.kind, dtype)
         if out is not None and "truth" in recorded:
             bound, floor = found if found is not None else (None, 0.0)
-            truth = {**against_truth(want, out, recorded["truth"][:len(out)], floor),
+            truth = {**against_truth(recorded["out"], out, recorded["truth"], floor),
                      "truth_bound": bound}
         raised = "" if error is None else exception_line(error)
         verdict = policy.judge_module(pair.kind, dtype, own=own, raised=raised,
@@ -321,8 +302,7 @@ def judge_module_truths(rec: Recording, port, policy, stage: str, unrun: List[st
             if out is None:  # it raised: said, not judged
                 unrun.append(f"{pair.module} ({exception_line(error)})")
                 continue
-            n = len(out)
-            metrics = compare(recorded["out"][:n], out, truth=recorded["truth"][:n],
+            metrics = compare(recorded["out"], out, truth=recorded["truth"],
                               truth_floor=found[1], **tolerances)
             verdict, reasons = policy.judge_module(pair.kind, rec.spec.dtype,
                                                    truth_ratio=metrics.truth_ratio)

@@ -44,11 +44,25 @@ class CaptureIndex:
         return cls(stage=d["stage"], sampler=d.get("sampler", ""), step=int(d.get("step", 0)),
                    pairs=[ModulePair.from_dict(m) for m in d["modules"]],
                    members=[m.get("tensors", {}) for m in d["modules"]],
-                   containers=list(d.get("containers", [])))
+                   containers=list(d["containers"]) if "containers" in d
+                   else _containers_above(d["modules"]))
 
     def kinds(self) -> Dict[str, str]:
         """Captured reference module -> kind, in capture order."""
         return {p.reference: p.kind for p in self.pairs}
+
+
+def _containers_above(modules: List[Dict]) -> List[str]:
+    """For a capture recorded before containers were stored: the names above captured modules
+    that are not captured themselves (ModuleLists, Sequentials, blocks of no kind)."""
+    captured = {m["reference"] for m in modules}
+    out = set()
+    for name in captured:
+        parent = name.rpartition(".")[0]
+        while parent and "/" in parent and parent not in captured:
+            out.add(parent)
+            parent = parent.rpartition(".")[0]
+    return sorted(out)
 
 
 class CaptureWriter:

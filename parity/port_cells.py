@@ -18,7 +18,7 @@ from sdxl_common.errors import InputError
 
 from .module_pairs import LOCATABLE_STAGES
 from .recording import Recording
-from .stage_calls import DecodeCall, UNetCall, judged_encodes
+from .stage_calls import DecodeCall, UNetCall, ids_encode, prompt_then_negative
 
 Roots = List[Tuple[str, object]]  # (sgm path, cell) per network of a stage
 
@@ -134,13 +134,10 @@ class PortCells:
         """The stage's networks run through the contract on the recorded inputs the module
         capture ran the reference on; their outputs, named as `stage_calls.network_outputs`
         names the reference's."""
-        if stage == "conditioner":  # the ids of [prompt, cond_negative]: the neg_text encode
-            call = judged_encodes(rec.spec, (rec.meta["height"], rec.meta["width"]))[1]
-            got = call.run(self.port)
-            both = lambda key: np.concatenate([np.asarray(got[key], np.float32),  # noqa: E731
-                                               np.asarray(got["negative_" + key], np.float32)])
-            return {"prompt_embeds": both("prompt_embeds"),
-                    "pooled_prompt_embeds": both("pooled_prompt_embeds")}
+        if stage == "conditioner":
+            got = ids_encode(rec.spec, (rec.meta["height"], rec.meta["width"])).run(self.port)
+            return {key: prompt_then_negative(got.__getitem__, key)
+                    for key in ("prompt_embeds", "pooled_prompt_embeds")}
         if stage == "unet":
             return {"eps": np.asarray(UNetCall(sampler, step).run(self.port, rec), np.float32)}
         return {"decoded": np.asarray(DecodeCall(sampler).run(self.port, rec), np.float32)}
@@ -206,33 +203,33 @@ class CallPlan:
             got = to_numpy(value)
             found = match(recorded, got, sources, kind, reversed_batch)
             if found is None:  # matches no recorded input: passed as the port passed it
-                self._set(key, value.copy() if hasattr(value, "copy") else value)
+                _place(self.args, self.kwargs, key,
+                       value.copy() if hasattr(value, "copy") else value)
                 continue
             layout, distance = found
             self.layouts[key] = layout
             self.templates[key] = (hasattr(value, "asnumpy"), value.dtype)
-            self._set(key, None)
+            _place(self.args, self.kwargs, key, None)
             if layout.source == "x" and self.x_layout is None:
                 self.x_layout, self.x_error, self.x_port = layout, distance, got
             if layout.reversed and distance <= FAR:  # seen clearly: the port's batch order
                 self.reversed_batch = True
 
-    def _set(self, key, value) -> None:
-        if isinstance(key, int):
-            self.args[key] = value
-        else:
-            self.kwargs[key] = value
-
     def call_args(self, recorded: Dict[str, np.ndarray]) -> Tuple[tuple, dict]:
         """The module's arguments with the reference's recorded inputs in place."""
         args, kwargs = list(self.args), dict(self.kwargs)
         for key, layout in self.layouts.items():
-            value = _as_argument(layout.to_port(recorded[layout.source]), self.templates[key])
-            if isinstance(key, int):
-                args[key] = value
-            else:
-                kwargs[key] = value
+            _place(args, kwargs, key, _as_argument(layout.to_port(recorded[layout.source]),
+                                                   self.templates[key]))
         return tuple(args), kwargs
+
+
+def _place(args: list, kwargs: dict, key, value) -> None:
+    """Set a positional (int key) or keyword argument."""
+    if isinstance(key, int):
+        args[key] = value
+    else:
+        kwargs[key] = value
 
 
 def plain_call(module, recorded: Dict[str, np.ndarray], kind: str) -> Tuple[tuple, dict]:
@@ -240,20 +237,11 @@ def plain_call(module, recorded: Dict[str, np.ndarray], kind: str) -> Tuple[tupl
     the reference laid them out (x, then context and temb where recorded), in the dtype of the
     module's weights; token ids as int32."""
     import mindspore as ms
-    from mindspore import Tensor
 
     from .module_kinds import TOKEN_ID_KINDS
 
     weight = next(iter(module.get_parameters()), None)
-    args = []
-    for name in INPUT_SOURCES:
-        value = recorded.get(name)
-        if value is None:
-            continue
-        value = Tensor(np.ascontiguousarray(value))
-        if name == "x" and kind in TOKEN_ID_KINDS:
-            value = value.astype(ms.int32)
-        elif weight is not None:
-            value = value.astype(weight.dtype)
-        args.append(value)
-    return tuple(args), {}
+    dtype = ms.float32 if weight is None else weight.dtype
+    return tuple(_as_argument(recorded[name], (True, ms.int32 if name == "x" and kind in
+                                               TOKEN_ID_KINDS else dtype))
+                 for name in INPUT_SOURCES if name in recorded), {}

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .contract import ENCODE_OUTPUTS, cfg_batch
+from .contract import ENCODE_OUTPUTS, TOKENIZE_OUTPUTS, cfg_batch
 from .recording import (Recording, RunSpec, call_key, conditioner_key, probe_key, sampler_key,
                         tokens_key)
 
@@ -48,6 +48,19 @@ def judged_encodes(spec: RunSpec, size: Size) -> List[EncodeCall]:
             for variant, negative in (("neg_none", None), ("neg_text", spec.cond_negative))]
 
 
+def ids_encode(spec: RunSpec, size: Size) -> EncodeCall:
+    """The judged encode whose prompts are the recorded ids' rows, [prompt, cond_negative]:
+    what module capture runs the text encoders on."""
+    return judged_encodes(spec, size)[1]
+
+
+def prompt_then_negative(get, key: str) -> np.ndarray:
+    """`key` for both prompts of an encode, stacked as the ids' rows are (prompt first):
+    `get(name)` reads one output."""
+    return np.concatenate([np.asarray(get(key), np.float32),
+                           np.asarray(get("negative_" + key), np.float32)])
+
+
 def generation_encode(spec: RunSpec, size: Size) -> EncodeCall:
     """The encode generation uses (the pipeline's defaults: original size = target, no crop):
     its outputs, recorded, are the conditioning every UNet call gets."""
@@ -62,7 +75,7 @@ def generation_batch(rec: Recording) -> Dict[str, np.ndarray]:
 
 def token_ids(rec: Recording) -> Dict[str, np.ndarray]:
     """The recorded ids of [prompt, cond_negative]: what the text encoders run on."""
-    return {key: rec.get(tokens_key(key)) for key in ("input_ids", "input_ids_2")}
+    return {key: rec.get(tokens_key(key)) for key in TOKENIZE_OUTPUTS}
 
 
 @dataclass(frozen=True)
@@ -131,10 +144,9 @@ def network_outputs(rec: Recording, stage: str, sampler: str, step: int) -> Dict
     """The reference's outputs of the networks on `network_inputs`, from the recording: the ids
     are [prompt, cond_negative], so the conditioner's are its neg_text encode, both rows."""
     if stage == "conditioner":
-        both = lambda key: np.concatenate([rec.get(conditioner_key("neg_text", key)),  # noqa: E731
-                                           rec.get(conditioner_key("neg_text", "negative_" + key))])
-        return {"prompt_embeds": both("prompt_embeds"),
-                "pooled_prompt_embeds": both("pooled_prompt_embeds")}
+        call = ids_encode(rec.spec, (rec.meta["height"], rec.meta["width"]))
+        return {key: prompt_then_negative(lambda name: rec.get(call.key(name)), key)
+                for key in ("prompt_embeds", "pooled_prompt_embeds")}
     if stage == "unet":
         return {"eps": rec.get(UNetCall(sampler, step).key("eps"))}
     return {"decoded": rec.get(DecodeCall(sampler).key)}
