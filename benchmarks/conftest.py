@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.flops import COMPONENTS
+from benchmarks.runner import PRESET_NAMES
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("sdxl-bench", "SDXL port vs reference benchmarks")
-    g.addoption("--sdxl-preset", default="tiny", choices=("tiny", "sdxl-base"))
+    g.addoption("--sdxl-preset", default="tiny", choices=PRESET_NAMES)
     g.addoption("--sdxl-size", type=int, default=None, help="height = width (default: preset's)")
     g.addoption("--sdxl-dtype", default="float32")
     g.addoption("--sdxl-components", default=",".join(COMPONENTS))

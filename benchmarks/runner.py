@@ -29,7 +29,7 @@ from sdxl_common.validate import check_output_dir
 from .flops import COMPONENTS
 from .workloads import PORT_MODES, REFERENCE_MODES, Spec, check_reference_device
 
-PRESET_NAMES = ("tiny", "sdxl-base")
+PRESET_NAMES = ("tiny", "small", "sdxl-base")  # sdxl_ms.config.PRESETS, without importing MindSpore
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -16,13 +16,15 @@ the comment:
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from sdxl_common.atomic import atomic_write_text
 
@@ -47,59 +49,125 @@ def nice_up(x: float) -> float:
 
 def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str], *,
             preset: str = "tiny", steps: int = 2, samplers: Sequence[str] = ("euler",),
+            modules: bool = True, sizes: Sequence[Optional[int]] = (None,),
             log: Callable[[str], None] = lambda s: None) -> Dict:
-    """Floors per dtype and stage over every (seed, prompt), from record + truth + check."""
-    from .policy import load_policy
-    from .reference_run import record, record_truth
-    from .recording import RunSpec, resolve_checkpoint
+    """Floors per dtype and stage over every (preset, size, seed, prompt), from record + truth
+    + check; with `modules`, also per module kind (`parity.module_floors`) from module captures
+    with module truths. `preset` may name several, comma-separated, and `sizes` several square
+    image sizes (None: the preset's default): the floors are the largest over all of them,
+    since a module's rounding depends on its map size (GroupNorm over a 1x1 map rounds 25x
+    worse than over a 4x4 one, tiny, measured)."""
     from .framework import port_device
+    from .module_floors import merge_floors, module_floors
+    from .policy import load_policy
+    from .ports import BUILTIN, PortSpec, load_port
+    from .recording import Recording, RunSpec, resolve_checkpoint
+    from .reference_process import record_to_folder
     from .runner import check
 
+    presets = [p for p in preset.split(",") if p]
     floors: Dict = {"cases": [], "device": {"reference": "cpu", "port": port_device()},
-                    "dtypes": {}}
+                    "dtypes": {}, "modules": {}}
     policy = load_policy()  # verdicts do not matter here, only the numbers
+    # the modules are measured once, by module_floors, not judged again inside check
+    stages_only = dataclasses.replace(policy, module_truths=None)
     for dtype in dtypes:
         per_stage: Dict[str, Dict[str, float]] = {}
-        for seed in seeds:
-            for prompt in prompts:
-                spec = RunSpec(preset=preset, prompt=prompt, seed=seed, samplers=tuple(samplers),
-                               steps=steps, dtype=dtype)
-                log(f"calibrating {dtype}, seed {seed}, prompt {prompt[:40]!r}")
-                start = time.perf_counter()
-                ckpt = resolve_checkpoint(spec)
-                rec = record(spec, ckpt)
-                record_truth(rec, ckpt)
-                with tempfile.TemporaryDirectory() as out:
-                    report = check(rec, Path(out), policy=policy, checkpoint=str(ckpt))
-                for name, stage in report.stages.items():
-                    got = per_stage.setdefault(name, {})
-                    for t in stage.tensors:
-                        for key in ("rel_l2", "ref_vs_truth", "port_vs_truth", "truth_ratio"):
-                            v = getattr(t.metrics, key, None)
-                            if v is not None and math.isfinite(v):
-                                got[key] = max(got.get(key, 0.0), v)
-                floors["cases"].append({"dtype": dtype, "seed": seed, "prompt": prompt,
-                                        "seconds": round(time.perf_counter() - start, 1)})
+        per_kind: Dict = {}
+        for name, size, seed, prompt in itertools.product(presets, sizes, seeds, prompts):
+            spec = RunSpec(preset=name, prompt=prompt, seed=seed,
+                           samplers=tuple(samplers), steps=steps, dtype=dtype,
+                           height=size, width=size)
+            log(f"calibrating {name} {size or 'default size'} {dtype}, seed {seed}, "
+                f"prompt {prompt[:40]!r}")
+            start = time.perf_counter()
+            ckpt = resolve_checkpoint(spec)
+            with tempfile.TemporaryDirectory(prefix="sdxl-parity-calibrate-") as work:
+                record_to_folder(spec, ckpt, Path(work) / "rec", truth=True,
+                                 modules=modules)
+                rec = Recording.load(Path(work) / "rec")
+                port = load_port(PortSpec.parse(BUILTIN), ckpt, dtype)
+                report = check(rec, Path(work) / "report", policy=stages_only, port=port,
+                               checkpoint=str(ckpt))
+                if modules:
+                    merge_floors(per_kind, module_floors(rec, port, policy))
+            for stage_name, stage in report.stages.items():
+                got = per_stage.setdefault(stage_name, {})
+                for t in stage.tensors:
+                    if t.name.startswith("module/"):
+                        continue  # module truths: per kind, below
+                    for key in ("rel_l2", "ref_vs_truth", "port_vs_truth",
+                                "truth_ratio"):
+                        v = getattr(t.metrics, key, None)
+                        if v is not None and math.isfinite(v):
+                            got[key] = max(got.get(key, 0.0), v)
+            floors["cases"].append({"preset": name, "size": size, "dtype": dtype,
+                                    "seed": seed, "prompt": prompt,
+                                    "seconds": round(time.perf_counter() - start, 1)})
         floors["dtypes"][dtype] = per_stage
-    floors["setup"] = {"preset": preset, "steps": steps, "samplers": list(samplers),
-                       "seeds": list(seeds), "prompts": list(prompts)}
+        if modules:
+            floors["modules"][dtype] = per_kind
+    floors["setup"] = {"preset": ",".join(presets), "sizes": list(sizes), "steps": steps,
+                       "samplers": list(samplers),
+                       "seeds": list(seeds), "prompts": list(prompts), "modules": modules}
     return floors
+
+
+def combine_floors(runs: Sequence[Dict]) -> Dict:
+    """Several calibrations' floors as one: per dtype and stage, and per dtype and module
+    kind, the largest of each; their cases together; the presets and sizes of all."""
+    from .module_floors import merge_floors
+
+    if len(runs) == 1:
+        return runs[0]
+    out: Dict = {"cases": [], "device": runs[0].get("device", {}), "dtypes": {}, "modules": {}}
+    presets, sizes = [], []
+    for run in runs:
+        out["cases"] += run.get("cases", [])
+        for dtype, stages in run.get("dtypes", {}).items():
+            for stage, values in stages.items():
+                got = out["dtypes"].setdefault(dtype, {}).setdefault(stage, {})
+                for key, v in values.items():
+                    got[key] = max(got.get(key, v), v)
+        for dtype, kinds in run.get("modules", {}).items():
+            merge_floors(out["modules"].setdefault(dtype, {}), kinds)
+        setup = run.get("setup", {})
+        presets += [p for p in setup.get("preset", "").split(",") if p and p not in presets]
+        sizes += [z for z in setup.get("sizes", []) if z and z not in sizes]
+    first = runs[0].get("setup", {})
+    out["setup"] = {**first, "preset": ",".join(presets), "sizes": sizes,
+                    "seeds": sorted({s for r in runs for s in r.get("setup", {}).get("seeds", [])})}
+    return out
 
 
 def derive_policy(base_text: str, floors: Dict, name: str = "calibrated") -> str:
     """The base policy's text with the calibrated bounds rewritten (see the module docstring)."""
     setup = floors.get("setup", {})
     n = len(floors.get("cases", [])) // max(1, len(floors.get("dtypes", {})))
-    source = (f"{setup.get('preset', '?')}, {n} cases (seeds {setup.get('seeds')}, "
+    sizes = [z for z in setup.get("sizes", []) if z]
+    at = f" at {'/'.join(str(z) for z in sizes)} px" if sizes else ""
+    source = (f"{setup.get('preset', '?')}{at}, {n} cases (seeds {setup.get('seeds')}, "
               f"{len(setup.get('prompts', []))} prompts), port on "
               f"{floors.get('device', {}).get('port', '?')}")
-    lines, section = [], None
+    lines, section, table = [], None, None
     for line in base_text.splitlines():
         header = re.match(r"\[stage\.(\w+)\.(\w+)\]", line)
+        module_header = re.match(r"\[(module|module_truth)\.(\w+)\]", line)
+        if header or module_header or re.match(r"\s*\[", line):
+            _insert_missing_kinds(lines, table, floors, source)
+            table = None
         if header:
             section = header.groups()
+        elif module_header:
+            section = None
+            table = {"table": module_header.groups(), "seen": set(), "last": len(lines) + 1}
         elif re.match(r"\s*\[", line):
             section = None
+        if table is not None and "=" in line and not line.lstrip().startswith("#"):
+            replaced = _module_line(line, table, floors, source)
+            if replaced is not None:
+                line = replaced
+            table["last"] = len(lines) + 1
         key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else ""
         if section and key:
             replaced = _calibrated_line(key, section, floors, source)
@@ -108,7 +176,69 @@ def derive_policy(base_text: str, floors: Dict, name: str = "calibrated") -> str
         if line.startswith("name = "):
             line = f'name = "{name}"'
         lines.append(line)
+    _insert_missing_kinds(lines, table, floors, source)
     return "\n".join(lines) + "\n"
+
+
+# module bounds from module floors: an own rel L2 bound MODULE_FACTOR x the faithful port's
+# largest (the base's bounds sat 3-5x above their floors, enough to name an eps of 1e-6 for
+# 1e-5 in a LayerNorm, 20x its floor); a truth-ratio bound MODULE_TRUTH_FACTOR x the largest
+# ratio: a module's ratio, teacher-forced, spreads far less than a stage's (README, precision
+# bugs: the faithful port's worst ratio per kind moves by < 10% over seeds)
+MODULE_FACTOR = 3.0
+MODULE_TRUTH_FACTOR = 1.25
+_MODULE_TABLES = {("module", "float32"): ("own_rel_l2", MODULE_FACTOR),
+                  ("module_truth", "float16"): ("truth_ratio", MODULE_TRUTH_FACTOR)}
+
+
+def _module_bound(kind: str, table, floors: Dict):
+    """(bound, floor, where) for one kind of a calibrated module table, or None."""
+    calibrated = _MODULE_TABLES.get(table)
+    if calibrated is None:
+        return None
+    key, factor = calibrated
+    measured = floors.get("modules", {}).get(table[1], {})
+    if kind == "default":  # kinds no line names: the loosest measured bound (and its kind)
+        found = [(_module_bound(k, table, floors), k) for k in measured]
+        found = [(f[0], f[1], k) for f, k in found if f is not None]
+        return max(found, key=lambda f: f[0]) if found else None
+    floor = measured.get(kind, {}).get(key)
+    if not floor:  # 0: exact on both sides (a gather), which says nothing of noise
+        return None
+    bound = nice_up(factor * floor) if key == "own_rel_l2" else round(factor * max(floor, 1), 2)
+    return bound, floor, measured[kind].get(f"{key}_at", "")
+
+
+def _module_text(kind: str, bound, floor, where: str, table, source: str) -> str:
+    key, factor = _MODULE_TABLES[table]
+    what = "own rel L2" if key == "own_rel_l2" else "truth ratio"
+    at = f" at {where}" if where else ""
+    return (f"{kind} = {bound:g}".ljust(45) + f"# [calibrated] faithful port's largest {what} "
+            f"{floor:.3g}{at} ({source}); {factor:g}x")
+
+
+def _module_line(line: str, table: Dict, floors: Dict, source: str):
+    kind = line.split("=", 1)[0].strip()
+    table["seen"].add(kind)
+    found = _module_bound(kind, table["table"], floors)
+    if found is None:
+        return None
+    if kind == "default":
+        return (f"default = {found[0]:g}".ljust(45) + "# [calibrated] the loosest calibrated "
+                f"bound below ({found[2]}), for kinds no line names")
+    return _module_text(kind, *found, table["table"], source)
+
+
+def _insert_missing_kinds(lines: List[str], table: Optional[Dict], floors: Dict,
+                          source: str) -> None:
+    """Lines for the measured kinds the base's table has none for, after its last line."""
+    if table is None or table["table"] not in _MODULE_TABLES:
+        return
+    measured = floors.get("modules", {}).get(table["table"][1], {})
+    found = [(kind, _module_bound(kind, table["table"], floors))
+             for kind in sorted(set(measured) - table["seen"])]
+    lines[table["last"]:table["last"]] = [_module_text(kind, *f, table["table"], source)
+                                          for kind, f in found if f is not None]
 
 
 def _calibrated_line(key: str, section, floors: Dict, source: str):
@@ -142,13 +272,15 @@ def _calibrated_line(key: str, section, floors: Dict, source: str):
 def calibrate(out_dir: Path, dtypes: Sequence[str], seeds: Sequence[int],
               prompts: Sequence[str], base_policy: str = "default", preset: str = "tiny",
               log: Callable[[str], None] = lambda s: None, floors: Dict = None,
-              name: str = "calibrated") -> Dict[str, Path]:
+              name: str = "calibrated", modules: bool = True,
+              sizes: Sequence[Optional[int]] = (None,)) -> Dict[str, Path]:
     """Measure (unless `floors` are given, e.g. an earlier run's floors.json), then write
     `floors.json` and `policy.toml` into `out_dir` (atomically)."""
     from .policy import parse_policy_text, read_policy_text
 
     if floors is None:
-        floors = measure(dtypes, seeds, prompts, preset=preset, log=log)
+        floors = measure(dtypes, seeds, prompts, preset=preset, modules=modules, sizes=sizes,
+                         log=log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"floors": atomic_write_text(out_dir / "floors.json",
@@ -166,4 +298,15 @@ def summary_rows(floors: Dict) -> List[List[str]]:
             rows.append([dtype, stage] + [f"{m[k]:.3g}" if k in m else "-"
                                           for k in ("rel_l2", "ref_vs_truth", "port_vs_truth",
                                                     "truth_ratio")])
+    return rows
+
+
+def module_summary_rows(floors: Dict) -> List[List[str]]:
+    """Per dtype and module kind: the largest own rel L2 and truth ratio, and where."""
+    rows = []
+    for dtype, kinds in floors.get("modules", {}).items():
+        for kind, m in sorted(kinds.items()):
+            rows.append([dtype, kind] + [f"{m[k]:.3g}" if k in m else "-"
+                                         for k in ("own_rel_l2", "truth_ratio")]
+                        + [m.get("truth_ratio_at") or m.get("own_rel_l2_at", "")])
     return rows

@@ -17,7 +17,8 @@ from sdxl_common.cli import (ArgumentParser, add_global_options, add_version, co
                                  run_command)
 from sdxl_ms.config import PRESETS
 from sdxl_common.errors import EXIT_FAILED, EXIT_OK, InputError
-from sdxl_common.validate import check_existing, check_output_dir, check_writable_file
+from sdxl_common.validate import (check_choice, check_existing, check_output_dir, check_size,
+                                  check_writable_file)
 
 
 def cmd_make_checkpoint(args) -> int:
@@ -219,7 +220,7 @@ def cmd_check(args) -> int:
 def cmd_calibrate(args) -> int:
     import json
 
-    from .calibrate import DEFAULT_PROMPTS, calibrate, summary_rows
+    from .calibrate import DEFAULT_PROMPTS, calibrate, module_summary_rows, summary_rows
     from .policy import load_policy
     from .reference import require_reference
     from .reports.markdown import markdown_table
@@ -244,21 +245,42 @@ def cmd_calibrate(args) -> int:
         prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
         if not prompts:
             raise InputError(f"prompt file {path} holds no prompt")
+    for name in args.preset.split(","):
+        check_choice(name, tuple(PRESETS), "preset")
+    sizes = [None]
+    if args.size:
+        try:
+            sizes = [int(x) for x in args.size.split(",") if x]
+        except ValueError:
+            raise InputError(f"--size must be comma-separated integers, got {args.size!r}") from None
+        for size in sizes:
+            check_size(size, size)
     load_policy(args.base_policy)  # a bad base fails before any work
     floors = None
     if args.floors:
-        path = check_existing(args.floors, "floors file")
-        try:
-            floors = json.loads(path.read_text())
-            floors["dtypes"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{path} is not a floors.json written by sdxl-parity calibrate") from None
+        from .calibrate import combine_floors
+
+        found = []
+        for name in args.floors.split(","):
+            path = check_existing(name, "floors file")
+            try:
+                found.append(json.loads(path.read_text()))
+                found[-1]["dtypes"]
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path} is not a floors.json written by sdxl-parity "
+                                 "calibrate") from None
+        floors = combine_floors(found)
     out = check_output_dir(args.out, "calibration folder")
     paths = calibrate(out, dtypes, seeds, prompts, base_policy=args.base_policy,
-                      preset=args.preset, log=_log(args), floors=floors, name=args.name)
+                      preset=args.preset, log=_log(args), floors=floors, name=args.name,
+                      modules=args.modules, sizes=sizes)
     floors = json.loads(paths["floors"].read_text())
     print("\n".join(markdown_table(["dtype", "stage", "port vs ref (rel_l2)", "ref vs truth",
                             "port vs truth", "truth_ratio"], summary_rows(floors))))
+    if floors.get("modules"):
+        print()
+        print("\n".join(markdown_table(["dtype", "module kind", "own rel_l2", "truth_ratio",
+                                        "largest at"], module_summary_rows(floors))))
     print(f"wrote {paths['floors']} and {paths['policy']} "
           f"(use it with --policy {paths['policy']})")
     return EXIT_OK
@@ -534,7 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", parents=common,
                         help="measure the floors (port vs reference, each vs the float64 "
                              "truth) over seeds and prompts; write floors.json and a policy")
-    ca.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ca.add_argument("--preset", default="tiny",
+                    help=f"preset(s), comma-separated ({', '.join(PRESETS)}); the floors are "
+                         "the largest over all (default: tiny)")
+    ca.add_argument("--size", default=None,
+                    help="square image size(s), comma-separated (default: each preset's own); "
+                         "module floors depend on map sizes, so calibrate at the sizes the "
+                         "policy will judge")
+    ca.add_argument("--modules", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure per-module floors and derive [module.float32] and "
+                         "[module_truth.float16] (default: on)")
     ca.add_argument("--dtype", default="float32,float16", help="comma-separated dtypes")
     ca.add_argument("--seeds", default="0,1", help="comma-separated noise seeds")
     ca.add_argument("--prompts", default=None, help="a file, one prompt per line "
@@ -542,8 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--base-policy", default="default",
                     help="policy whose other bounds are kept (default: the packaged one)")
     ca.add_argument("--out", default="calibration", help="folder (default: ./calibration)")
-    ca.add_argument("--floors", default=None,
-                    help="derive the policy from this floors.json instead of measuring")
+    ca.add_argument("--floors", default=None, metavar="FLOORS[,FLOORS...]",
+                    help="derive the policy from floors.json files of earlier runs instead of "
+                         "measuring; several (e.g. tiny's and small's) combine into their "
+                         "largest floors")
     ca.add_argument("--name", default="calibrated", help="the written policy's name")
     ca.set_defaults(func=cmd_calibrate)
 

@@ -208,6 +208,13 @@ def guide(eps: np.ndarray, scale: float) -> np.ndarray:
     return u + np.float32(scale) * (c - u)
 
 
+def to_image_units(decoded: np.ndarray) -> np.ndarray:
+    """Decoded float (B, 3, H, W) in about [-1, 1] -> float32 (B, H, W, 3) in 0-255 units,
+    before rounding: what an image's float64 truth is kept as."""
+    unit = np.clip(np.asarray(decoded, np.float64) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return (unit * 255).astype(np.float32)
+
+
 def to_images(decoded: np.ndarray) -> np.ndarray:
     """Decoded float (B, 3, H, W) in about [-1, 1] -> uint8 (B, H, W, 3), rounded as diffusers
     rounds (x 255, not the seed tutorial's 225)."""

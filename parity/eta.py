@@ -46,7 +46,9 @@ class RunPlan:
         calls = sum(unet_calls_per_sampler(s, steps) for s in samplers)
         decodes = len(samplers) + 1  # each sampler's final latents, and the probe
         reference = calls + DECODE_COST * decodes
-        truth_units = TRUTH_COST * reference if truth else 0.0
+        # the truth's teacher-forced calls and decodes, then its own free run per sampler
+        free_run = calls + DECODE_COST * len(samplers)
+        truth_units = TRUTH_COST * (reference + free_run) if truth else 0.0
         chosen = set(stages) if stages is not None else {"unet", "trajectory", "decode"}
         port = 0.0
         if "unet" in chosen:  # teacher-forced calls

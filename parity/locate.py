@@ -318,10 +318,10 @@ def judge_module_truths(rec: Recording, port, policy, stage: str, unrun: List[st
 def record_modules(rec: Recording, ref, checkpoint, work_dir: Path,
                    stages=LOCATABLE_STAGES, sampler: Optional[str] = None,
                    step: Optional[int] = None,
-                   log: Callable[[str], None] = lambda s: None, truth=None) -> None:
+                   log: Callable[[str], None] = lambda s: None, truth: bool = False) -> None:
     """Capture the reference's per-module tensors of `stages` into `work_dir` and attach them
-    to `rec` (saved with it), so `locate` later runs without torch; with `truth` (the float64
-    twin), each module's truth too, which `check` then judges as part of its stage."""
+    to `rec` (saved with it), so `locate` later runs without torch; with `truth`, each module's
+    float64 truth too, which `check` then judges as part of its stage."""
     for stage in stages:
         target = resolve_target(rec, stage, sampler, step)
         index, path = capture_to(ref, rec, *target.at, work_dir, log=log, truth=truth)

@@ -109,6 +109,11 @@ class _MetricsBase:
         """The judged numbers, keyed by the names of `METRIC_DIRECTIONS`."""
         raise NotImplementedError
 
+    def _with_truth(self, values: Dict[str, float]) -> Dict[str, float]:
+        """`values` plus the truth ratio, where the comparison had a float64 truth."""
+        ratio = getattr(self, "truth_ratio", None)
+        return values if ratio is None else {**values, "truth_ratio": ratio}
+
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"kind": self.kind}
         for k, v in asdict(self).items():
@@ -169,12 +174,9 @@ class TensorMetrics(_MetricsBase):
     truth_ratio: Optional[float] = None
 
     def values(self) -> Dict[str, float]:
-        out = {k: getattr(self, k) for k in (
+        return self._with_truth({k: getattr(self, k) for k in (
             "max_abs", "mean_abs", "max_rel", "rel_l2", "cosine", "psnr_db", "mismatch_ratio",
-            "ratio_rel_err_le_1e3", "ratio_rel_err_le_5e3")}
-        if self.truth_ratio is not None:
-            out["truth_ratio"] = self.truth_ratio
-        return out
+            "ratio_rel_err_le_1e3", "ratio_rel_err_le_5e3")})
 
     def msprobe(self) -> Dict[str, float]:
         """The same numbers under msprobe's compare-result column names."""
@@ -214,10 +216,15 @@ class ImageMetrics(_MetricsBase):
     mean_abs_255: float
     nonfinite_port: int
     nonfinite_ref: int
+    # against the float64 truth's image (unrounded, 0-255 units), as TensorMetrics
+    ref_vs_truth: Optional[float] = None
+    port_vs_truth: Optional[float] = None
+    truth_ratio: Optional[float] = None
 
     def values(self) -> Dict[str, float]:
-        return {"psnr_db": self.psnr_db, "ssim": self.ssim, "max_abs_255": self.max_abs_255,
-                "mean_abs_255": self.mean_abs_255}
+        return self._with_truth({"psnr_db": self.psnr_db, "ssim": self.ssim,
+                                 "max_abs_255": self.max_abs_255,
+                                 "mean_abs_255": self.mean_abs_255})
 
 
 METRIC_KINDS = {c.kind: c for c in (TensorMetrics, ExactMetrics, ImageMetrics)}
@@ -413,8 +420,11 @@ def ssim(ref: Any, port: Any, data_range: float = 255.0) -> float:
     return float(smap.mean())
 
 
-def image_metrics(ref: Any, port: Any) -> ImageMetrics:
-    """Compare two images with values in 0..255 (uint8, or float in 0-255 units).
+def image_metrics(ref: Any, port: Any, truth: Any = None, truth_floor: float = 0.0
+                  ) -> ImageMetrics:
+    """Compare two images with values in 0..255 (uint8, or float in 0-255 units); with `truth`
+    (the float64 free run's image, unrounded), each side's rel L2 against it and their ratio,
+    as `compare` does.
 
     A [-1, 1] image is rejected (negative values); scale [0, 1] images by 255 first.
     """
@@ -435,10 +445,15 @@ def image_metrics(ref: Any, port: Any) -> ImageMetrics:
     ad = np.abs(p - r)
     mse = float(np.mean(ad * ad)) if ad.size else 0.0
     psnr = math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    truths = {}
+    if truth is not None:
+        t = _to_numpy(truth).astype(np.float64, copy=False)
+        _check_shapes(t, r)
+        truths = against_truth(r, p, t, truth_floor)
     return ImageMetrics(shape=tuple(int(s) for s in r.shape), numel=int(r.size), psnr_db=psnr,
                         ssim=ssim(r, p), max_abs_255=float(ad.max()) if ad.size else 0.0,
                         mean_abs_255=float(ad.mean()) if ad.size else 0.0,
-                        nonfinite_port=0, nonfinite_ref=0)
+                        nonfinite_port=0, nonfinite_ref=0, **truths)
 
 
 def format_value(v: float) -> str:

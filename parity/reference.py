@@ -183,6 +183,7 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     configure_torch_determinism(torch)
+    quiet_loading_bars()
     path = Path(path)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; both still load
         warnings.simplefilter("ignore", FutureWarning)
@@ -205,6 +206,16 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
         diffusers_logging.set_verbosity(level)
     pipe.set_progress_bar_config(disable=True)
     return ReferencePipeline(pipe, device)
+
+
+def quiet_loading_bars() -> None:
+    """No per-component loading bars from diffusers and transformers: the harness reports
+    its own progress, and a bar per load buries it (calibrate loads dozens of pipelines)."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def single_file_configs(path: Path) -> Path:

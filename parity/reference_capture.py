@@ -6,7 +6,7 @@ port: which port module is its counterpart is decided when a port is paired with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -19,22 +19,21 @@ from .stage_calls import network_inputs
 
 def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, path: Path,
                       log: Callable[[str], None] = lambda s: None,
-                      truth=None) -> CaptureIndex:
+                      truth: bool = False) -> CaptureIndex:
     """Run the reference's networks of `stage` on the recorded inputs (`network_inputs`) with a
     forward hook on every module of a known kind; each module's inputs (x, context, temb) and
     output go to `path` as it returns, the first call only (CLIP-L's layers run once per
     encode).
 
-    `truth` (the reference in float64 on the same rounded weights, `reference_run.round_weights`):
-    each module's float64 twin also runs on exactly the arguments the reference module got,
-    upcast, so every module has its own truth ("truth"): in reduced precision a module's own
-    error is judged against the reference module's own error, as stages are."""
+    `truth`: each module's float64 twin (`float64_twin`) also runs on exactly the arguments the
+    reference module got, upcast, so every module has its own truth ("truth"): in reduced
+    precision a module's own error is judged against the reference module's own error, as
+    stages are."""
     import torch
 
     from .reference import to_numpy
 
     modules = reference_module_table(ref, stage)
-    twins = reference_module_table(truth, stage) if truth is not None else None
     kinds = captured_kinds(modules)
     index = CaptureIndex(stage=stage, sampler=sampler, step=step,
                          containers=reference_containers(modules))
@@ -50,8 +49,8 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
                 return
             fired.append(True)
             got = reference_inputs(args, kwargs, output)
-            if twins is not None:
-                exact = twins[name](*_float64(args), **_float64(kwargs))
+            if truth:
+                exact = float64_twin(module)(*_float64(args), **_float64(kwargs))
                 got["truth"] = reference_inputs(args, kwargs, exact)["out"]
             writer.add(entry, {k: to_numpy(v) for k, v in got.items()})
         return hook
@@ -78,6 +77,29 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
     return index
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def float64_twin(module):
+    """A float64 copy of a reference module, without its hooks: the module's truth on exactly
+    its own weights (a float16 module's weights upcast are the rounded weights the truth of a
+    float16 run computes on, `reference_run.round_weights`). Made from the module itself, one
+    at a time, so no float64 copy of the whole pipeline (28 GB at sdxl-base) is ever resident."""
+    import copy
+    from collections import OrderedDict
+
+    import torch
+
+    # torch's own `to`: diffusers' override warns about keep-in-float32 modules on every copy
+    twin = torch.nn.Module.to(copy.deepcopy(module), torch.float64)
+    for sub in twin.modules():
+        for attr in _HOOK_DICTS:
+            if hasattr(sub, attr):
+                setattr(sub, attr, OrderedDict())
+    return twin
+
+
 def _float64(value):
     """A hook's arguments for the float64 twin: float tensors upcast, the rest unchanged."""
     import torch
@@ -92,8 +114,7 @@ def _float64(value):
 
 
 def capture_to(ref, rec: Recording, stage: str, sampler: str, step: int, work_dir: Path,
-               log: Callable[[str], None] = lambda s: None,
-               truth: Optional[object] = None) -> tuple:
+               log: Callable[[str], None] = lambda s: None, truth: bool = False) -> tuple:
     """(index, path): `capture_reference` into `work_dir/modules-<stage>.npz`."""
     path = Path(work_dir) / f"modules-{stage}.npz"
     Path(work_dir).mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,15 @@ fed to diffusers, so the port can be given the very same arrays.
 from __future__ import annotations
 
 import platform
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from sdxl_common.progress import bar as progress_bar
 
 from . import eta
-from .contract import to_images
+from .contract import to_image_units, to_images
 from .recording import (Recording, RunSpec, call_key, checkpoint_sha256, probe_key,
                         sampler_key, tokens_key, truth_key)
 from .sampler_registry import sampler_entry, unet_calls_per_sampler
@@ -44,9 +45,87 @@ def full_step_latents(sampler: str, callback_latents: List[np.ndarray], sigmas: 
     return out
 
 
+@dataclass
+class SampledRun:
+    """One sampler's run of a reference side: each UNet call's (x_in, t, eps), the latents
+    after each full step (`full_step_latents`), the final latents and the schedule used."""
+
+    calls: List[Tuple[np.ndarray, float, np.ndarray]]
+    latents: np.ndarray
+    final: np.ndarray
+    schedule: Dict
+
+
+def sample(side, spec: RunSpec, sampler: str, index: int, size, on_call=lambda k: None,
+           noise: Optional[Dict[str, np.ndarray]] = None) -> SampledRun:
+    """Run diffusers' own denoising loop of `sampler` on `side` (the reference, or its float64
+    truth) from the run's noise (`noise_for`, or `noise`), keeping what each UNet call got and
+    gave (a forward hook) and the latents after each step (diffusers' step callback)."""
+    from .reference import to_numpy
+
+    height, width = size
+    shape = (1, 4, height // side.pipe.vae_scale_factor, width // side.pipe.vae_scale_factor)
+    noise = noise or noise_for(spec, index, shape)
+    calls, step_latents = [], []
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        calls.append((to_numpy(x), float(np.asarray(to_numpy(t)).reshape(-1)[0]),
+                      to_numpy(output.sample if hasattr(output, "sample") else output[0])))
+        on_call(len(calls))
+
+    def on_step(pipe, i, t, kwargs):
+        step_latents.append(to_numpy(kwargs["latents"]))
+        return kwargs
+
+    handle = side.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        final = side(spec.prompt, spec.negative_prompt, height=height, width=width,
+                     num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+                     sampler=sampler, schedule=spec.schedule, latents=noise["initial_noise"],
+                     step_noise=list(noise["step_noise"]), output_type="latent",
+                     callback=on_step)
+    finally:
+        handle.remove()
+    sched = side.pipe.scheduler
+    sigmas = sched.sigmas.float().cpu().numpy()
+    return SampledRun(calls=calls, latents=full_step_latents(sampler, step_latents, sigmas,
+                                                            spec.steps),
+                      final=final,
+                      schedule={"scheduler": type(sched).__name__,
+                                "timesteps": [c[1] for c in calls],
+                                "sigmas": [float(s) for s in sigmas],
+                                "init_noise_sigma": float(sched.init_noise_sigma)})
+
+
+class recorded_unet:
+    """While active, `side`'s UNet answers its k-th call with `eps(k)` instead of computing:
+    diffusers' own loop then replays recorded UNet outputs (the sampler stage's truth)."""
+
+    def __init__(self, side, eps: Callable[[int], np.ndarray]):
+        self.unet, self.eps, self.calls = side.pipe.unet, eps, 0
+
+    def _forward(self, sample, *args, return_dict: bool = True, **kwargs):
+        import torch
+
+        out = torch.from_numpy(np.asarray(self.eps(self.calls), np.float32)).to(
+            sample.device, sample.dtype)
+        self.calls += 1
+        return (out,) if not return_dict else type("Output", (), {"sample": out})()
+
+    def __enter__(self):
+        self.unet.forward = self._forward  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.unet.forward
+        return False
+
+
 def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recording:
     """Record the reference for `spec` on `checkpoint` (a path)."""
-    from .reference import load_reference, to_numpy
+    from .reference import load_reference
 
     ref = reference or load_reference(checkpoint, dtype=spec.dtype)
     default = ref.pipe.default_sample_size * ref.pipe.vae_scale_factor
@@ -68,50 +147,26 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
                        desc="reference: sampling", unit="call")
     for index, sampler in enumerate(spec.samplers):
         tick(f"sampling with {sampler}")
-        noise = noise_for(spec, index, shape)
-        calls, step_latents = [], []
 
-        def hook(module, args, kwargs, output):
-            sample = args[0] if args else kwargs["sample"]
-            t = args[1] if len(args) > 1 else kwargs["timestep"]
-            calls.append((to_numpy(sample), float(np.asarray(to_numpy(t)).reshape(-1)[0]),
-                          to_numpy(output.sample if hasattr(output, "sample") else output[0])))
+        def on_call(done, sampler=sampler):
             bar.update(1)
             eta.unet_done()
-            tick(f"{sampler}: UNet call {len(calls)} of "
-                 f"{unet_calls_per_sampler(sampler, spec.steps)}")
+            tick(f"{sampler}: UNet call {done} of {unet_calls_per_sampler(sampler, spec.steps)}")
 
-        def on_step(pipe, i, t, kwargs):
-            step_latents.append(to_numpy(kwargs["latents"]))
-            return kwargs
-
-        handle = ref.pipe.unet.register_forward_hook(hook, with_kwargs=True)
-        try:
-            final = ref(spec.prompt, spec.negative_prompt, height=height, width=width,
-                        num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-                        sampler=sampler, schedule=spec.schedule, latents=noise["initial_noise"],
-                        step_noise=list(noise["step_noise"]), output_type="latent",
-                        callback=on_step)
-        finally:
-            handle.remove()
-        sched = ref.pipe.scheduler
-        sigmas = sched.sigmas.float().cpu().numpy()
-        for k, (x_in, t, eps) in enumerate(calls):
+        noise = noise_for(spec, index, shape)
+        run = sample(ref, spec, sampler, index, (height, width), on_call, noise)
+        for k, (x_in, t, eps) in enumerate(run.calls):
             tensors[call_key(sampler, k, "x_in")] = x_in
             tensors[call_key(sampler, k, "timestep")] = np.array([t], np.float32)
             tensors[call_key(sampler, k, "eps")] = eps
         tensors[sampler_key(sampler, "initial_noise")] = noise["initial_noise"]
         tensors[sampler_key(sampler, "step_noise")] = noise["step_noise"]
-        tensors[sampler_key(sampler, "latents")] = full_step_latents(sampler, step_latents, sigmas,
-                                                                     spec.steps)
-        decoded = ref.decode(final)
+        tensors[sampler_key(sampler, "latents")] = run.latents
+        decoded = ref.decode(run.final)
         eta.decode_done()
         tensors[sampler_key(sampler, "decoded")] = decoded
         tensors[sampler_key(sampler, "image")] = to_images(decoded)
-        schedules[sampler] = {"scheduler": type(sched).__name__,
-                              "timesteps": [c[1] for c in calls],
-                              "sigmas": [float(s) for s in sigmas],
-                              "init_noise_sigma": float(sched.init_noise_sigma)}
+        schedules[sampler] = run.schedule
 
     bar.close()
     tick("decode probe")
@@ -131,9 +186,18 @@ def record(spec: RunSpec, checkpoint, reference=None, progress=None) -> Recordin
 
 
 def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
-    """Add the float64 truth to `rec`: the reference in float64 on exactly the inputs each
-    stage feeds both sides (teacher-forced), for every conditioner output, UNet call and
-    decode. Stored as float32 (its rounding, 6e-8, is far below any dtype's error here)."""
+    """Add the float64 truth to `rec`, for every stage that computes in floating point:
+      - teacher-forced (the reference in float64 on exactly the inputs each stage feeds both
+        sides): every conditioner output, UNet call and decode;
+      - sampler: diffusers' loop in float64 replaying the recorded UNet outputs
+        (`recorded_unet`) from the same noise: each call's x_in and timestep, each step's
+        latents (`<sampler>/replay_latents`);
+      - trajectory and image: the float64 pipeline's own free run from the same noise, its
+        latents per step and its final image, decoded, in 0-255 units unquantised.
+    Stored as float32 (its rounding, 6e-8, is far below any dtype's error here). diffusers'
+    Euler-type schedulers compute their step in float32 whatever the latents' dtype, so the
+    sampler's truth is float32 arithmetic on float64 inputs: 6e-8, as far below float16's
+    4.9e-4 as the storage."""
     tick = progress or (lambda what: None)
     if truth is None:
         tick("float64 truth: loading")
@@ -151,9 +215,27 @@ def record_truth(rec: Recording, checkpoint, truth=None, progress=None) -> None:
         tick(f"float64 truth: decode ({call.name})")
         rec.tensors[truth_key(call.key)] = call.run(truth, rec)
         eta.decode_done()
+    for index, sampler in enumerate(spec.samplers):
+        tick(f"float64 truth: {sampler} replaying the recorded UNet outputs")
+        noise = {"initial_noise": rec.get(sampler_key(sampler, "initial_noise")),
+                 "step_noise": rec.get(sampler_key(sampler, "step_noise"))}
+        with recorded_unet(truth, lambda k: rec.get(call_key(sampler, k, "eps"))):
+            replay = sample(truth, spec, sampler, index, size, noise=noise)
+        for k, (x_in, t, _) in enumerate(replay.calls):
+            rec.tensors[truth_key(call_key(sampler, k, "x_in"))] = x_in
+            rec.tensors[truth_key(call_key(sampler, k, "timestep"))] = np.array([t], np.float32)
+        rec.tensors[truth_key(sampler_key(sampler, "replay_latents"))] = replay.latents
+        tick(f"float64 truth: {sampler} free run")
+        free = sample(truth, spec, sampler, index, size, noise=noise,
+                      on_call=lambda done: eta.unet_done())
+        rec.tensors[truth_key(sampler_key(sampler, "latents"))] = free.latents
+        rec.tensors[truth_key(sampler_key(sampler, "image"))] = to_image_units(
+            truth.decode(free.final))
+        eta.decode_done()
     eta.set_cost(1.0)
     rec.meta["truth"] = {"dtype": "float64", "device": str(truth.device),
-                         "stages": ["conditioner", "unet", "decode"]}
+                         "stages": ["conditioner", "unet", "sampler", "trajectory", "decode",
+                                    "image"]}
 
 
 def load_truth(checkpoint, dtype: str):

@@ -187,11 +187,12 @@ def stage_sampler(ctx: StageContext) -> StageResult:
         if len(got) != len(want):
             raise RuntimeError(f"{sampler}: the port ran {len(got)} steps, the reference {len(want)}")
         for call, (x_in, t) in zip(unet_calls(ctx.rec, sampler), passed.calls):
-            tensors += [ctx.judge("sampler", f"{sampler}/x_in", ctx.rec.get(call.key("x_in")),
-                                  x_in, step=call.k),
-                        ctx.judge("sampler", f"{sampler}/timestep",
-                                  ctx.rec.get(call.key("timestep")), t, step=call.k)]
-        tensors += [ctx.judge("sampler", f"{sampler}/latents", w, g, step=i)
+            tensors += [ctx.judge("sampler", f"{sampler}/{what}", ctx.rec.get(call.key(what)),
+                                  value, step=call.k, truth=ctx.rec.truth(call.key(what)))
+                        for what, value in (("x_in", x_in), ("timestep", t))]
+        truths = ctx.rec.truth(sampler_key(sampler, "replay_latents"))
+        tensors += [ctx.judge("sampler", f"{sampler}/latents", w, g, step=i,
+                              truth=None if truths is None else truths[i])
                     for i, (w, g) in enumerate(zip(want, got))]
     return ctx.result("sampler", tensors)
 
@@ -209,7 +210,9 @@ def stage_trajectory(ctx: StageContext) -> StageResult:
     for sampler in spec.samplers:
         latents = run_port_sampler(ctx, "trajectory", sampler, eps)
         want = ctx.rec.get(sampler_key(sampler, "latents"))
-        tensors += [ctx.judge("trajectory", f"{sampler}/latents", w, g, step=i)
+        truths = ctx.rec.truth(sampler_key(sampler, "latents"))
+        tensors += [ctx.judge("trajectory", f"{sampler}/latents", w, g, step=i,
+                              truth=None if truths is None else truths[i])
                     for i, (w, g) in enumerate(zip(want, latents))]
         ctx.port_images[sampler] = to_images(ctx.port.decode(latents[-1]))
     return ctx.result("trajectory", tensors)
@@ -233,7 +236,9 @@ def stage_image(ctx: StageContext) -> StageResult:
     tensors, images = [], {}
     for sampler in ctx.rec.spec.samplers:
         want, got = ctx.rec.get(sampler_key(sampler, "image"))[0], ctx.port_images[sampler][0]
-        m = image_metrics(want, got)
+        truth = ctx.rec.truth(sampler_key(sampler, "image"))
+        m = image_metrics(want, got, truth=None if truth is None else truth[0],
+                          truth_floor=ctx.policy.truth_floor("image", ctx.dtype))
         tensors.append(ctx.policy.tensor_result("image", ctx.dtype, f"{sampler}/image", m))
         for role, path in write_image_triplet(want, got, ctx.out_dir, stem=sampler).items():
             images[f"{sampler} {role}"] = path

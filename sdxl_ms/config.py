@@ -1,4 +1,4 @@
-"""Typed configs and the two presets (`tiny`, `sdxl-base`).
+"""Typed configs and the three presets (`tiny`, `small`, `sdxl-base`).
 
 Every network is built from these dataclasses with plain constructors; the same objects are
 mapped to diffusers/transformers configs in `sdxl_ms.weights.diffusers_configs`, so a preset is
@@ -6,7 +6,7 @@ defined exactly once.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Tuple
 
 
@@ -147,7 +147,22 @@ TINY = SDXLConfig(
     default_size=64,
 )
 
-PRESETS = {"tiny": TINY, "sdxl-base": SDXL_BASE}
+# SDXL-base's numerics at a fraction of its cost: every width a module's rounding depends on is
+# SDXL-base's (head dim 64; UNet levels of 320 and 640 channels in 32-group GroupNorms, their
+# time MLP 1280 wide; CLIP-L 768 and bigG 1280 wide, context 2048, the size embedders' 256; the
+# VAE's 128/256/512/512 channels), with fewer of them: two UNet levels, one transformer per
+# attention level, three layers per text encoder, one ResBlock per VAE level.
+SMALL = replace(
+    SDXL_BASE, name="small", default_size=256,
+    conditioner=replace(SDXL_BASE.conditioner,
+                        clip_l=replace(SDXL_BASE.conditioner.clip_l, layers=3),
+                        clip_g=replace(SDXL_BASE.conditioner.clip_g, layers=3)),
+    unet=replace(SDXL_BASE.unet, channel_mult=(1, 2), transformer_depth=(0, 1),
+                 transformer_depth_middle=1),
+    vae=replace(SDXL_BASE.vae, num_res_blocks=1),
+)
+
+PRESETS = {"tiny": TINY, "small": SMALL, "sdxl-base": SDXL_BASE}
 
 
 def get_preset(name: str) -> SDXLConfig:

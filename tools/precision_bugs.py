@@ -1,11 +1,11 @@
-"""Measure the float16 precision-bug table behind `[module_truth.float16]` in the default policy.
+"""Measure the float16 precision-bug table (docs/precision-at-real-widths.md).
 
-For each seed it records a tiny float16 golden with per-module truths (`record --modules
+For each seed it records a float16 golden of --preset with per-module truths (`record --modules
 --truth`), then checks the faithful port and the port with each bug of `tests/fp16_bugs.py`
 injected, and prints, per bug, the verdict, the first failure and the worst truth ratio of each
-module kind per stage: the numbers the policy comments cite.
+module kind per stage; every module's ratio goes to --out as JSON, for the table's margins.
 
-    python tools/precision_bugs.py --seeds 0,1,2,3 --out /tmp/precision-bugs
+    python tools/precision_bugs.py --preset small --seeds 0,1,2,3 --out /tmp/precision-bugs
 """
 from __future__ import annotations
 
@@ -26,8 +26,21 @@ def _bugs_module():
     return module
 
 
-def _worst_by_kind(report, rec, stage: str) -> str:
-    kinds = {f"module/{m['module']}": m["kind"] for m in rec.modules[stage][0]["modules"]}
+def _module_kinds(rec, port, stage: str) -> dict:
+    """`module/<port name>` -> kind of every module the port pairs with the capture."""
+    from parity.locate import PortRun
+    from parity.module_capture import CaptureIndex, CaptureReader
+
+    index_dict, path = rec.modules[stage]
+    reader = CaptureReader(path, CaptureIndex.from_dict(index_dict))
+    try:
+        run = PortRun(port, reader, rec)
+        return {f"module/{p.module}": p.kind for p in run.paired.values()}
+    finally:
+        reader.close()
+
+
+def _worst_by_kind(report, kinds, stage: str) -> str:
     worst = defaultdict(float)
     for t in report.stages[stage].tensors:
         if t.name in kinds and t.metrics.truth_ratio is not None:
@@ -41,9 +54,65 @@ def _worst_by_kind(report, rec, stage: str) -> str:
     return f"{tensors}; worst modules: {modules}"
 
 
+def _module_ratios_json(report, kinds) -> str:
+    """Every module's truth ratio and kind, per stage: what the table is computed from."""
+    import json
+
+    rows = {stage: [{"module": t.name, "kind": kinds[stage][t.name],
+                     "truth_ratio": t.metrics.truth_ratio, "verdict": t.verdict.value}
+                    for t in report.stages[stage].tensors
+                    if t.name in kinds[stage] and t.metrics.truth_ratio is not None]
+            for stage in STAGES if stage in report.stages}
+    stage_ratios = {stage: max((t.metrics.truth_ratio for t in report.stages[stage].tensors
+                                if not t.name.startswith("module/")
+                                and getattr(t.metrics, "truth_ratio", None) is not None),
+                               default=None)
+                    for stage in STAGES if stage in report.stages}
+    return json.dumps({"headline": report.headline(), "verdict": report.verdict.value,
+                       "stage_truth_ratio": stage_ratios, "modules": rows}, indent=1)
+
+
+# the module kinds each bug lives in
+BUG_KINDS = {"softmax": ("CLIPAttention", "MultiheadAttention", "CrossAttention"),
+             "groupnorm": ("GroupNorm",), "timestep": ("SinusoidalTimesteps",),
+             "vae": ("Decoder",)}
+
+
+def summary_table(out: Path, seeds, bugs) -> str:
+    """Per bug: verdicts over seeds, and per module kind it lives in the faithful port's
+    largest truth ratio over seeds against the bug's smallest worst-module ratio: the margin."""
+    import json
+
+    def worst(seed, bug):
+        d = json.loads((out / f"seed{seed}-{bug}.json").read_text())
+        ratios = defaultdict(float)
+        for rows in d["modules"].values():
+            for r in rows:
+                ratios[r["kind"]] = max(ratios[r["kind"]], r["truth_ratio"])
+        return d, ratios
+
+    faithful = [worst(s, "none") for s in seeds]
+    lines = ["| bug | verdicts over seeds | module kind | faithful largest | bug smallest "
+             "| margin |", "|---|---|---|---:|---:|---:|"]
+    for bug in bugs:
+        runs = [worst(s, bug) for s in seeds]
+        verdicts = ", ".join(sorted({d["verdict"] for d, _ in runs}))
+        for kind in BUG_KINDS.get(bug, ()) if bug != "none" else ():
+            best = max(r[kind] for _, r in faithful)
+            low = min(r[kind] for _, r in runs)
+            lines.append(f"| {bug} | {verdicts} | {kind} | {best:.3g} | {low:.3g} "
+                         f"| {low / best:.2f}x |")
+        if bug == "none":
+            top = max(((k, max(r[k] for _, r in faithful)) for k in faithful[0][1]),
+                      key=lambda kv: kv[1])
+            lines.append(f"| none | {verdicts} | (largest: {top[0]}) | {top[1]:.3g} | - | - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--bugs", default="none,softmax,groupnorm,timestep,vae")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -56,12 +125,14 @@ def main() -> None:
     bugs = _bugs_module()
     out = Path(args.out or tempfile.mkdtemp(prefix="precision-bugs-"))
     for seed in (int(s) for s in args.seeds.split(",")):
-        spec = RunSpec(dtype="float16", samplers=("euler",), steps=2, seed=seed)
+        spec = RunSpec(preset=args.preset, dtype="float16", samplers=("euler",), steps=2,
+                       seed=seed)
         ckpt = resolve_checkpoint(spec)
         folder = out / f"seed{seed}"
         if not (folder / "manifest.json").exists():
             record_to_folder(spec, ckpt, folder, truth=True, modules=True)
         rec, port = Recording.load(folder), load_pipeline(ckpt, "float16")
+        kinds = {stage: _module_kinds(rec, port, stage) for stage in STAGES}
         for bug in args.bugs.split(","):
             undo = []
             if bug != "none":
@@ -72,9 +143,12 @@ def main() -> None:
             finally:
                 for owner, name, value in reversed(undo):
                     setattr(owner, name, value)
-            print(f"seed {seed} {bug:9s} {report.headline()}")
+            print(f"seed {seed} {bug:9s} {report.headline()}", flush=True)
+            (out / f"seed{seed}-{bug}.json").write_text(_module_ratios_json(report, kinds))
             for stage in STAGES:
-                print(f"    {stage:11s} {_worst_by_kind(report, rec, stage)}")
+                print(f"    {stage:11s} {_worst_by_kind(report, kinds[stage], stage)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(summary_table(out, seeds, args.bugs.split(",")))
 
 
 if __name__ == "__main__":

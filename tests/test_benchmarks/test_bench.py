@@ -499,3 +499,10 @@ def test_a_compiling_port_mode_plugs_in_with_its_compile_time_apart(tmp_path, mo
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| unet (graph) | 500.0 ms | 1.00 s | **0.50x** |" in md
     assert "| unet | port | graph | cpu | 1 | 500.0 ms | 500.0 ms | 500.0 ms | 500.0 ms | 3.00 s |" in md
+
+
+def test_the_runner_knows_every_preset_without_importing_mindspore():
+    from benchmarks.runner import PRESET_NAMES
+    from sdxl_ms.config import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)

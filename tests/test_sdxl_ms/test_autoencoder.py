@@ -14,7 +14,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from conftest import read_reference_keys
 
-from sdxl_ms.config import SDXL_BASE, TINY
+from sdxl_ms.config import SDXL_BASE, SMALL, TINY
 from sdxl_ms.models.autoencoder import AutoencoderKL
 from sdxl_ms.nn.layers import GroupNorm
 from sdxl_ms.weights.diffusers_configs import vae_config
@@ -70,7 +70,7 @@ def ref_decode(ref, z: np.ndarray) -> np.ndarray:
 # names and shapes
 
 
-@pytest.mark.parametrize("cfg", [TINY.vae, SDXL_BASE.vae], ids=["tiny", "sdxl-base"])
+@pytest.mark.parametrize("cfg", [TINY.vae, SMALL.vae, SDXL_BASE.vae], ids=["tiny", "small", "sdxl-base"])
 def test_rules_map_port_layout_onto_diffusers_layout(cfg):
     with no_init_parameters():
         port = AutoencoderKL(cfg)

@@ -64,3 +64,29 @@ def test_folder_with_its_own_widths_loads_and_matches_diffusers(tmp_path, capsys
         assert rel_l2(got[key], want[key]) < 1e-5, key
     latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert rel_l2(port.decode(latents), ref.decode(latents)) < 1e-5
+
+
+def test_small_has_sdxl_base_widths_where_rounding_depends_on_them():
+    """The `small` preset's claim, checked against the sdxl-base preset (whose widths the
+    public checkpoint's shapes pin, tests/test_sdxl_ms/test_unet.py): every width a module's
+    reductions run over is sdxl-base's; only counts (layers, levels, blocks) are fewer."""
+    from sdxl_ms.config import SDXL_BASE, SMALL
+
+    for enc in ("clip_l", "clip_g"):
+        s, b = getattr(SMALL.conditioner, enc), getattr(SDXL_BASE.conditioner, enc)
+        assert (s.width, s.heads, s.mlp_width, s.activation, s.projection_dim) == \
+            (b.width, b.heads, b.mlp_width, b.activation, b.projection_dim)
+        assert s.layers < b.layers
+    assert SMALL.conditioner.size_embed_dim == SDXL_BASE.conditioner.size_embed_dim
+    su, bu = SMALL.unet, SDXL_BASE.unet
+    assert (su.model_channels, su.num_head_channels, su.context_dim, su.adm_in_channels,
+            su.norm_groups) == (bu.model_channels, 64, 2048, 2816, 32)
+    assert su.channel_mult == bu.channel_mult[:2]  # the first two levels: 320 and 640 wide
+    assert su.time_embed_dim == bu.time_embed_dim == 1280
+    assert len(su.channel_mult) < len(bu.channel_mult)
+    assert sum(su.transformer_depth) + su.transformer_depth_middle < \
+        sum(bu.transformer_depth) + bu.transformer_depth_middle
+    sv, bv = SMALL.vae, SDXL_BASE.vae
+    assert (sv.ch, sv.ch_mult, sv.norm_groups, sv.downsample_factor) == \
+        (bv.ch, bv.ch_mult, bv.norm_groups, bv.downsample_factor)
+    assert sv.num_res_blocks < bv.num_res_blocks

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conftest import read_reference_keys
-from sdxl_ms.config import SDXL_BASE, TINY
+from sdxl_ms.config import SDXL_BASE, SMALL, TINY
 from sdxl_ms.models.conditioner import GeneralConditioner
 from sdxl_ms.tokenizer import load_tokenizer, tokenize
 from sdxl_ms.weights.diffusers_configs import text_encoder_config
@@ -161,7 +161,7 @@ def transformers_layout(which, enc_cfg):
     return {fix(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("preset", [TINY, SDXL_BASE], ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", [TINY, SMALL, SDXL_BASE], ids=lambda p: p.name)
 @pytest.mark.parametrize("which", list(ENCODERS))
 def test_rules_cover_port_and_transformers_exactly(preset, which):
     enc_cfg = getattr(preset.conditioner, which)
@@ -209,7 +209,7 @@ def test_rules_round_trip_and_saved_names(tiny, tmp_path):
 # size / crop embeddings
 
 
-@pytest.mark.parametrize("preset", [TINY, SDXL_BASE], ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", [TINY, SMALL, SDXL_BASE], ids=lambda p: p.name)
 def test_embed_sizes_matches_diffusers_add_time_proj(preset):
     """Against diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` applied
     to the flattened add_time_ids. Both sides compute in float32, where sin(1024 * f) turns the

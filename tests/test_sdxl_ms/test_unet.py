@@ -10,7 +10,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from conftest import read_reference_keys, rel_l2
 from sdxl_ms.runtime import init_runtime
-from sdxl_ms.config import SDXL_BASE, TINY
+from sdxl_ms.config import SDXL_BASE, SMALL, TINY
 from sdxl_ms.models.unet import UNetModel
 from sdxl_ms.nn.layers import timestep_embedding
 from sdxl_ms.weights.diffusers_configs import unet_config
@@ -79,10 +79,11 @@ def test_sdxl_base_unet_layout_matches_public_checkpoint():
     assert sum(int(np.prod(s)) for s in got.values()) == 2_567_463_684
 
 
-def test_sdxl_base_rules_match_diffusers_names_and_shapes():
+@pytest.mark.parametrize("cfg", [SMALL, SDXL_BASE], ids=lambda c: c.name)
+def test_rules_match_diffusers_names_and_shapes(cfg):
     with no_init_parameters():
-        port = UNetModel(SDXL_BASE.unet)
+        port = UNetModel(cfg.unet)
     with torch.device("meta"):
-        ref = diffusers_unet(SDXL_BASE)
-    mapped = sgm_layout_to_diffusers(unet_rules(SDXL_BASE.unet), layout(port))
+        ref = diffusers_unet(cfg)
+    mapped = sgm_layout_to_diffusers(unet_rules(cfg.unet), layout(port))
     assert mapped == {k: tuple(v.shape) for k, v in ref.state_dict().items()}

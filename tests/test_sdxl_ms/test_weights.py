@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import read_reference_keys
 from sdxl_ms import load_pipeline
 from sdxl_ms.cli import main as ms_main
-from sdxl_ms.config import SDXL_BASE, TINY
+from sdxl_ms.config import SDXL_BASE, SMALL, TINY
 from sdxl_ms.weights.checkpoint import SgmCheckpoint, detect_format
 from sdxl_ms.weights.keymap import convert_to_diffusers, convert_to_sgm, pipeline_rules
 from sdxl_ms.weights.loader import expected_layout
@@ -35,7 +35,7 @@ def test_keys_cli_diffusers_format_names_components(capsys):
     assert "text_encoder_2/text_projection.weight:(64, 64)" in lines
 
 
-@pytest.mark.parametrize("cfg", [TINY, SDXL_BASE], ids=["tiny", "sdxl-base"])
+@pytest.mark.parametrize("cfg", [TINY, SMALL, SDXL_BASE], ids=["tiny", "small", "sdxl-base"])
 def test_key_map_round_trip_is_exact(cfg):
     """sgm -> diffusers -> sgm returns every tensor bit for bit (transposes, qkv splits, 1x1)."""
     rules = pipeline_rules(cfg)
