@@ -217,6 +217,14 @@ def cmd_check(args) -> int:
     return _finish(report, out)
 
 
+def _integers(text: str, option: str) -> List[int]:
+    """A comma-separated list of integers, or bad input naming `option`."""
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def cmd_calibrate(args) -> int:
     import json
 
@@ -235,10 +243,7 @@ def cmd_calibrate(args) -> int:
                          f"{', '.join(sorted(DTYPES))}")
     for d in dtypes:
         _port_backend(args, d)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x]
-    except ValueError:
-        raise InputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    seeds = _integers(args.seeds, "--seeds")
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         path = check_existing(args.prompts, "prompt file")
@@ -249,10 +254,7 @@ def cmd_calibrate(args) -> int:
         check_choice(name, tuple(PRESETS), "preset")
     sizes = [None]
     if args.size:
-        try:
-            sizes = [int(x) for x in args.size.split(",") if x]
-        except ValueError:
-            raise InputError(f"--size must be comma-separated integers, got {args.size!r}") from None
+        sizes = _integers(args.size, "--size")
         for size in sizes:
             check_size(size, size)
     load_policy(args.base_policy)  # a bad base fails before any work

@@ -40,14 +40,19 @@ def _module_kinds(rec, port, stage: str) -> dict:
         reader.close()
 
 
+def _stage_truth_ratios(report, stage: str) -> list:
+    """The truth ratios of a stage's own tensors (not its `module/` rows)."""
+    return [t.metrics.truth_ratio for t in report.stages[stage].tensors
+            if not t.name.startswith("module/")
+            and getattr(t.metrics, "truth_ratio", None) is not None]
+
+
 def _worst_by_kind(report, kinds, stage: str) -> str:
     worst = defaultdict(float)
     for t in report.stages[stage].tensors:
         if t.name in kinds and t.metrics.truth_ratio is not None:
             worst[kinds[t.name]] = max(worst[kinds[t.name]], t.metrics.truth_ratio)
-    stage_ratios = [t.metrics.truth_ratio for t in report.stages[stage].tensors
-                    if not t.name.startswith("module/")
-                    and getattr(t.metrics, "truth_ratio", None) is not None]
+    stage_ratios = _stage_truth_ratios(report, stage)
     top = sorted(worst.items(), key=lambda kv: -kv[1])[:4]
     modules = ", ".join(f"{k} {v:.2f}" for k, v in top)
     tensors = f"stage tensors <= {max(stage_ratios):.2f}" if stage_ratios else "no stage truth"
@@ -63,10 +68,7 @@ def _module_ratios_json(report, kinds) -> str:
                     for t in report.stages[stage].tensors
                     if t.name in kinds[stage] and t.metrics.truth_ratio is not None]
             for stage in STAGES if stage in report.stages}
-    stage_ratios = {stage: max((t.metrics.truth_ratio for t in report.stages[stage].tensors
-                                if not t.name.startswith("module/")
-                                and getattr(t.metrics, "truth_ratio", None) is not None),
-                               default=None)
+    stage_ratios = {stage: max(_stage_truth_ratios(report, stage), default=None)
                     for stage in STAGES if stage in report.stages}
     return json.dumps({"headline": report.headline(), "verdict": report.verdict.value,
                        "stage_truth_ratio": stage_ratios, "modules": rows}, indent=1)
