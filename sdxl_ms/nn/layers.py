@@ -274,21 +274,33 @@ def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
 
     q_t (heads*d, L), k_t and v_t (heads*d, Lk) -> out_t (heads*d, L). Each head is a block of
     rows, so q^T k and v p^T are BatchMatMuls with transpose flags and no tensor is copied.
-    `mask` is additive, (heads, L, Lk) (or broadcastable to it). Softmax runs in float32.
+    `mask` is additive, (heads, L, Lk) (or broadcastable to it).
+
+    In float16/bfloat16 it rounds where torch's CPU scaled_dot_product_attention rounds and
+    nowhere else: scores, softmax and both products accumulate in float32; only the
+    unnormalised weights exp(s - max) take the activation dtype before the product with V, and
+    the output is divided by their float32 sum and rounded once. Rounding the scores or the
+    normalised probabilities instead (what a float16 BatchMatMul and softmax do) is 1.8x (logit
+    std 1) to 7x (std 8) torch's error on the same q, k, v (docs/precision-at-real-widths.md).
     """
     inner, length = q_t.shape
     d = inner // heads
+    reduced = q_t.dtype != ms.float32
+    if reduced:
+        out_dtype = v_t.dtype
+        q_t, k_t = q_t.astype(ms.float32), k_t.astype(ms.float32)
     scores = _BMM_TN(q_t.reshape(heads, d, length), k_t.reshape(heads, d, k_t.shape[1]))
-    if scores.dtype != ms.float32:
-        scores = scores.astype(ms.float32)
     scores = scores * (1.0 / math.sqrt(d))
     if mask is not None:
         scores = scores + mask
-    probs = ops.softmax(scores, axis=-1)
-    if probs.dtype != v_t.dtype:
-        probs = probs.astype(v_t.dtype)
-    out = _BMM_NT(v_t.reshape(heads, d, v_t.shape[1]), probs)
-    return out.reshape(inner, length)
+    if not reduced:
+        probs = ops.softmax(scores, axis=-1)
+        return _BMM_NT(v_t.reshape(heads, d, v_t.shape[1]), probs).reshape(inner, length)
+    weights = ops.exp(scores - scores.max(axis=-1, keepdims=True))
+    total = weights.sum(axis=-1, keepdims=True)
+    weights = weights.astype(out_dtype).astype(ms.float32)
+    out = _BMM_NT(v_t.astype(ms.float32).reshape(heads, d, v_t.shape[1]), weights)
+    return (out / total.reshape(heads, 1, length)).reshape(inner, length).astype(out_dtype)
 
 
 def attention_t(x, context, batch: int, heads: int, wq, wk, wv, bq=None, bk=None, bv=None,
