@@ -285,9 +285,9 @@ def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
     """
     inner, length = q_t.shape
     d = inner // heads
-    reduced = q_t.dtype != ms.float32
+    out_dtype = v_t.dtype
+    reduced = out_dtype != ms.float32
     if reduced:
-        out_dtype = v_t.dtype
         q_t, k_t = q_t.astype(ms.float32), k_t.astype(ms.float32)
     scores = _BMM_TN(q_t.reshape(heads, d, length), k_t.reshape(heads, d, k_t.shape[1]))
     scores = scores * (1.0 / math.sqrt(d))
