@@ -27,20 +27,28 @@ def conv_out_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> 
     return (size + 2 * padding - kernel) // stride + 1
 
 
+KINDS = ("matmul", "attention", "conv")
+_counting = list(KINDS)  # the kinds the layer functions count; `flops_by_kind` narrows it
+
+
+def _counted(kind: str, flops: int) -> int:
+    return flops if kind in _counting else 0
+
+
 def conv2d(c_in: int, c_out: int, kernel: int, h_out: int, w_out: int, batch: int = 1) -> int:
     """A k x k convolution producing (batch, c_out, h_out, w_out)."""
-    return 2 * batch * c_out * h_out * w_out * c_in * kernel * kernel
+    return _counted("conv", 2 * batch * c_out * h_out * w_out * c_in * kernel * kernel)
 
 
 def linear(n_in: int, n_out: int, tokens: int) -> int:
     """A dense layer applied to `tokens` rows."""
-    return 2 * tokens * n_in * n_out
+    return _counted("matmul", 2 * tokens * n_in * n_out)
 
 
 def attention(batch: int, q_len: int, kv_len: int, inner: int) -> int:
     """softmax(Q K^T) V over all heads (inner = heads * head_dim): two batched matmuls.
     Masks (CLIP's causal one) are not exploited by either side, so they are not discounted."""
-    return 2 * (2 * batch * q_len * kv_len * inner)
+    return _counted("attention", 2 * (2 * batch * q_len * kv_len * inner))
 
 
 # ---- UNet ------------------------------------------------------------------------------------
@@ -193,3 +201,18 @@ def component_flops(cfg: SDXLConfig, component: str, height: int, width: int,
 
 def all_component_flops(cfg: SDXLConfig, height: int, width: int, steps: int = 4) -> Dict[str, int]:
     return {c: component_flops(cfg, c, height, width, steps) for c in COMPONENTS}
+
+
+def flops_by_kind(cfg: SDXLConfig, component: str, height: int, width: int,
+                  steps: int = 4) -> Dict[str, int]:
+    """`component_flops` split into matmul (dense layers), attention and conv: the count is
+    linear in each layer function's, so each kind is the count with only it counted."""
+    saved = _counting[:]
+    try:
+        split = {}
+        for kind in KINDS:
+            _counting[:] = [kind]
+            split[kind] = component_flops(cfg, component, height, width, steps)
+        return split
+    finally:
+        _counting[:] = saved

@@ -483,9 +483,11 @@ def _add_check_options(p) -> None:
     p.add_argument("--fail-fast", action="store_true",
                    help="skip the stages after the first that fails or errors")
     p.add_argument("--jit", choices=("off", "blocks", "model"), default=None,
-                   help="the port's execution mode: PyNative, one graph per block structure, "
-                        "or one graph per network (default: SDXL_MS_JIT, else off); recorded "
-                        "in the report")
+                   help="the built-in port's execution mode: PyNative, one graph per block "
+                        "structure, or one graph per network (default: SDXL_MS_JIT, else the "
+                        "mode with the least estimated time for the preset, size and calls "
+                        "from measured costs, float32 only; float16/bfloat16 run PyNative); "
+                        "the mode and why are in the report")
     p.add_argument("--waivers", default=None, metavar="FILE",
                    help="known deviations (TOML: stage/tensor/step/module globs, reason, owner, "
                         "expiry, looser bound): a matching failure within its bound is verdict "

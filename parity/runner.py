@@ -52,6 +52,11 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
             port_spec = port_spec or PortSpec.parse(BUILTIN)
             log(f"loading the port ({port_spec}) from {ckpt}")
             port = load_port(port_spec, ckpt, spec.dtype)
+            if str(port_spec) == BUILTIN:
+                from .builtin_port import choose_execution
+
+                chosen = choose_execution(rec, stages)
+                log(f"port execution: jit {chosen['jit']} ({chosen['reason']})")
         if locate and has_cells(port):
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,

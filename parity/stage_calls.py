@@ -9,7 +9,7 @@ through one runner interface. A stage that changes what it feeds changes it here
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -150,3 +150,14 @@ def network_outputs(rec: Recording, stage: str, sampler: str, step: int) -> Dict
     if stage == "unet":
         return {"eps": rec.get(UNetCall(sampler, step).key("eps"))}
     return {"decoded": rec.get(DecodeCall(sampler).key)}
+
+
+def network_calls(rec: Recording, stages: Sequence[str]) -> Dict[str, int]:
+    """How many calls of each network (text encoders, UNet, VAE) a check of `stages` makes on
+    the port: what an execution mode's per-call cost is multiplied by."""
+    spec, size = rec.spec, (rec.meta["height"], rec.meta["width"])
+    free_run = any(s in stages for s in ("trajectory", "image"))  # the image reuses its run
+    return {"text": len(judged_encodes(spec, size)) * ("conditioner" in stages) + free_run,
+            "unet": len(unet_calls(rec)) * (("unet" in stages) + free_run),
+            "vae": len(decode_calls(rec)) * ("decode" in stages)
+            + len(spec.samplers) * free_run}

@@ -145,12 +145,12 @@ class SDXLPipeline:
     def eager(self):
         """PyNative, no graph units, for as long as it lasts: every module's own call runs,
         so the harness's hooks see it."""
-        before = settings.jit
+        before = settings.jit_state()
         settings.set_jit("off")
         try:
             yield
         finally:
-            settings.set_jit(before)
+            settings.restore_jit(before)
 
     def describe(self) -> Dict[str, object]:
         """What a parity report records about this port: its version and how it executes

@@ -44,6 +44,7 @@ class ExecutionSettings:
         self.jit = parse_jit(jit)
         self.threads = threads
         self._explicit = set()  # names a setter fixed: the environment no longer applies
+        self.jit_reason = "default"  # why `jit` is what it is, for reports
 
     def read_env(self) -> None:
         """Take SDXL_MS_JIT and SDXL_MS_THREADS, except where a setter already decided."""
@@ -52,6 +53,8 @@ class ExecutionSettings:
                 self.jit = parse_jit(os.environ.get("SDXL_MS_JIT", "off"))
             except InputError as err:
                 raise InputError(f"SDXL_MS_JIT: {err}") from None
+            if os.environ.get("SDXL_MS_JIT", "").strip():
+                self.jit_reason = "SDXL_MS_JIT"
         if "threads" not in self._explicit:
             env = os.environ.get("SDXL_MS_THREADS", "").strip()
             if not env:
@@ -62,9 +65,30 @@ class ExecutionSettings:
                 raise InputError(f"SDXL_MS_THREADS must be a whole number of threads, got "
                                  f"{os.environ['SDXL_MS_THREADS']!r}")
 
-    def set_jit(self, mode: Union[str, bool, None]) -> None:
+    def set_jit(self, mode: Union[str, bool, None], reason: str = "set") -> None:
         self.jit = parse_jit(mode)
+        self.jit_reason = reason
         self._explicit.add("jit")
+
+    def jit_state(self) -> tuple:
+        """What `restore_jit` puts back: a temporary mode change leaves the choice as it was."""
+        return self.jit, self.jit_reason, "jit" in self._explicit
+
+    def restore_jit(self, state: tuple) -> None:
+        self.jit, self.jit_reason, explicit = state
+        if not explicit:
+            self._explicit.discard("jit")
+
+    def pick_jit(self, mode: str, reason: str) -> None:
+        """A mode chosen for one workload (the parity harness's measured choice): unlike
+        `set_jit` it decides nothing for the next workload, which is picked afresh."""
+        self.jit = parse_jit(mode)
+        self.jit_reason = reason
+
+    def jit_decided(self) -> bool:
+        """Whether a setter or SDXL_MS_JIT chose the mode (a measured choice must not
+        override either)."""
+        return "jit" in self._explicit or self.jit_reason == "SDXL_MS_JIT"
 
     def set_threads(self, threads: Optional[int]) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -77,6 +101,7 @@ class ExecutionSettings:
         """What reports record: device target, graph mode, kernel threads."""
         cpu = is_cpu()
         return {"device_target": ms.get_context("device_target"), "jit": self.jit,
+                "jit_reason": self.jit_reason,
                 "threads": self.threads if cpu else None,
                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") if cpu else None}
 

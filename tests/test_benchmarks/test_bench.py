@@ -29,6 +29,42 @@ def test_layer_flops_match_hand_counts():
     assert flops.transformer_block(64, 96, 64, 77, 2) == 27_279_360
 
 
+def test_flops_by_kind_split_the_component_count():
+    """Each kind is the count with only its layer function counted: the kinds add up to the
+    total, and a kind a component lacks is 0."""
+    for cfg, size in ((TINY, 64), (SDXL_BASE, 256)):
+        for component in flops.COMPONENTS:
+            split = flops.flops_by_kind(cfg, component, size, size)
+            assert sum(split.values()) == flops.component_flops(cfg, component, size, size)
+    text = flops.flops_by_kind(SDXL_BASE, "text", 256, 256)
+    assert text["conv"] == 0 and text["attention"] > 0
+    assert flops.flops_by_kind(SDXL_BASE, "vae", 256, 256)["matmul"] == 0
+    # every kind counts again afterwards
+    assert flops.linear(768, 3072, tokens=154) == 726_663_168
+    assert flops.attention(2, 77, 77, 768) == 36_427_776
+
+
+def test_op_profile_kinds_and_dispatch():
+    """Kernel time per op type becomes time per op kind; what the kernels leave of the call's
+    wall time is dispatch; the reference's non-aten rows (its profiler's own) are not kernels."""
+    from benchmarks.op_profile import by_kind, table
+
+    port = {"wall_s": 1.0, "ops": {"MatMul": 0.3, "BatchMatMul": 0.1, "Softmax": 0.05,
+                                   "Conv2D": 0.2, "GroupNorm": 0.05, "BiasAdd": 0.1}}
+    ref = {"wall_s": 0.5, "ops": {"aten::addmm": 0.2, "aten::mkldnn_convolution": 0.1,
+                                  "aten::_scaled_dot_product_flash_attention_for_cpu": 0.05,
+                                  "aten::native_group_norm": 0.02, "aten::add": 0.03,
+                                  "ProfilerStep#1": 0.4}}
+    p, r = by_kind("port", port), by_kind("reference", ref)
+    assert p == pytest.approx({"matmul": 0.3, "attention": 0.15, "conv": 0.2, "norm": 0.05,
+                               "elementwise": 0.1, "dispatch": 0.2})
+    assert r == pytest.approx({"matmul": 0.2, "attention": 0.05, "conv": 0.1, "norm": 0.02,
+                               "elementwise": 0.03, "dispatch": 0.1})
+    md = table("unet", port, ref, {"matmul": 6e9, "conv": 4e9, "attention": 0})
+    assert "| matmul | 0.3 | 30% | 0.2 | 40% | 1.50x | 20.0 / 30.0 |" in md
+    assert "port 1 s, reference 0.5 s per call (2.00x)" in md
+
+
 def test_component_flops_compose():
     h = w = 64
     text, unet, vae = (flops.component_flops(TINY, c, h, w) for c in ("text", "unet", "vae"))

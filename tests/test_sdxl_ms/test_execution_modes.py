@@ -48,8 +48,9 @@ def wanted(ref):
 
 @pytest.fixture
 def jit():
+    before = runtime.settings.jit_state()
     yield runtime.settings.set_jit
-    runtime.settings.set_jit("off")
+    runtime.settings.restore_jit(before)
 
 
 def check_stages(port, wanted):
@@ -124,13 +125,12 @@ def test_model_graph_follows_a_patched_layer(port, wanted, jit):
     assert rel_l2(port.decode(wanted["latents"]), before) == 0.0
 
 
-def test_jit_mode_names():
+def test_jit_mode_names(jit):
     for given, mode in [(False, "off"), (True, "blocks"), ("1", "blocks"), ("MODEL", "model")]:
-        runtime.settings.set_jit(given)
+        jit(given)
         assert runtime.settings.jit == mode
-    runtime.settings.set_jit("off")
     with pytest.raises(ValueError, match="jit mode must be one of off, blocks, model"):
-        runtime.settings.set_jit("fast")
+        jit("fast")
 
 
 @pytest.mark.parametrize("variable, value, message", [
