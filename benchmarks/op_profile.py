@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +62,7 @@ def _port_kernels(call) -> Dict[str, float]:
         with open(found[0]) as fh:
             ops = {row["op_type"]: float(row["total_compute_time"]) / 1e3
                    for row in csv.DictReader(fh)}
-    return {"wall_s": wall, "ops": ops, "flops": {}}
+    return {"wall_s": wall, "ops": ops}
 
 
 def _reference_kernels(call) -> Dict[str, float]:
@@ -120,21 +118,6 @@ def table(component: str, port: Dict, reference: Dict, flops: Dict[str, int]) ->
     return "\n".join(lines)
 
 
-def _in_subprocess(spec: Spec) -> Dict:
-    with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
-        out = Path(tmp) / "profile.json"
-        cmd = [sys.executable, "-m", "benchmarks.op_profile", "--one", spec.to_json(),
-               "--result", str(out)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              errors="replace", env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  p for p in (str(Path(__file__).resolve().parents[1]),
-                                              os.environ.get("PYTHONPATH")) if p)})
-        if proc.returncode != 0 or not out.is_file():
-            tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
-            raise RuntimeError(f"profiling {spec.component} on the {spec.side} failed: {tail[0]}")
-        return json.loads(out.read_text())
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.op_profile",
                                      description=__doc__.splitlines()[0])
@@ -145,16 +128,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the port's mode: pynative, graph or graph-blocks")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=None, help="folder for profile.md/.json")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.one:  # the child: one side of one component
-        Path(args.result).write_text(json.dumps(profile_side(Spec.from_json(args.one))))
+    if args.spec:  # the child (runner.run_spec_in_subprocess): one side of one component
+        try:
+            Path(args.result).write_text(json.dumps(profile_side(Spec.from_json(args.spec))))
+        except Exception as exc:
+            print(f"measurement failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     from sdxl_ms.config import get_preset
 
     from .flops import flops_by_kind
+    from .runner import run_spec_in_subprocess
 
     size = args.size or get_preset(args.preset).default_size
     checkpoint = None
@@ -168,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             spec = Spec(component, side, mode, preset=args.preset, height=size, width=size,
                         dtype=args.dtype, checkpoint=checkpoint)
             print(f"[op_profile] {component} {side} ({mode}) ...", file=sys.stderr, flush=True)
-            runs[side] = _in_subprocess(spec)
+            runs[side] = run_spec_in_subprocess("benchmarks.op_profile", spec)
         raw[component] = runs
         flops = flops_by_kind(get_preset(args.preset), component, size, size)
         sections.append(table(component, runs["port"], runs["reference"], flops))

@@ -176,14 +176,20 @@ def plan(args: argparse.Namespace, settled: Dict) -> List[Spec]:
 
 def measure_in_subprocess(spec: Spec, timeout: Optional[float] = None) -> Dict:
     """Run `python -m benchmarks.measure` for `spec` and return its record."""
+    return run_spec_in_subprocess("benchmarks.measure", spec, timeout)
+
+
+def run_spec_in_subprocess(module: str, spec: Spec, timeout: Optional[float] = None) -> Dict:
+    """Run `python -m <module> --spec <spec as JSON> --result FILE` in a fresh process (one
+    framework, its own peak RSS) and return the JSON it wrote; a failure raises MeasureError
+    with the child's `measurement failed: ...` line, else its last stderr line."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     if spec.threads:
         env.update({k: str(spec.threads) for k in THREAD_ENV})
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as tmp:
         result = Path(tmp) / "measurement.json"
-        cmd = [sys.executable, "-m", "benchmarks.measure", "--spec", spec.to_json(),
-               "--result", str(result)]
+        cmd = [sys.executable, "-m", module, "--spec", spec.to_json(), "--result", str(result)]
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, errors="replace", timeout=timeout)

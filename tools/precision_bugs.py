@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("conditioner", "unet", "decode")
 
 
-def _bugs_module():
+def load_fp16_bugs():
+    """tests/fp16_bugs.py, the float16 bugs the tools inject (the tests import it as a sibling)."""
     spec = importlib.util.spec_from_file_location("fp16_bugs", REPO / "tests" / "fp16_bugs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -124,7 +125,7 @@ def main() -> None:
     from parity.runner import check
     from sdxl_ms import load_pipeline
 
-    bugs = _bugs_module()
+    bugs = load_fp16_bugs()
     out = Path(args.out or tempfile.mkdtemp(prefix="precision-bugs-"))
     for seed in (int(s) for s in args.seeds.split(",")):
         spec = RunSpec(preset=args.preset, dtype="float16", samplers=("euler",), steps=2,

@@ -12,19 +12,8 @@ scaled_dot_product_attention on CPU (the reference's own core).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bug_core():
-    spec = importlib.util.spec_from_file_location("fp16_bugs", REPO / "tests" / "fp16_bugs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.attention_softmax_in_float16
 
 
 def _float64_core(q, k, v, heads):
@@ -57,9 +46,11 @@ def main() -> None:
 
     from mindspore import Tensor
 
+    from precision_bugs import load_fp16_bugs  # a sibling in tools/
+
     from sdxl_ms.nn.layers import attention_heads_t
 
-    bug = _bug_core()
+    bug = load_fp16_bugs().attention_softmax_in_float16
     heads, d, n = args.heads, 64, args.tokens
     rel = lambda a, t: float(np.linalg.norm(a.astype(np.float64) - t) / np.linalg.norm(t))
     print("| logit std | torch core | faithful core | bug core | faithful / torch "
