@@ -15,6 +15,7 @@ import numpy as np
 
 from sdxl_common.dtypes import DTYPES, TRUTH_DTYPE
 from sdxl_common.errors import MissingExtraError
+from sdxl_common.threads import configured_threads
 
 TORCH_DTYPES = DTYPES + (TRUTH_DTYPE,)
 
@@ -40,6 +41,16 @@ def _torch():
         raise MissingExtraError("the reference (diffusers)", "reference",
                                 "torch and diffusers") from None
     return torch
+
+
+def set_torch_threads(torch) -> int:
+    """The reference computes with the port's thread count (`sdxl_common.threads`), set
+    explicitly: a process spawned after MindSpore was imported inherits its
+    OMP_NUM_THREADS=1, which torch would otherwise take (one thread of two, measured)."""
+    threads = configured_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def configure_torch_determinism(torch) -> None:
@@ -183,6 +194,7 @@ def load_reference(path: Union[str, Path], dtype: str = "float32", device: str =
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     configure_torch_determinism(torch)
+    set_torch_threads(torch)
     quiet_loading_bars()
     path = Path(path)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; both still load

@@ -262,11 +262,12 @@ def round_weights(ref, dtype: str) -> None:
                 p.copy_(p.to(getattr(torch, dtype)).to(p.dtype))
 
 
-def reference_versions(ref) -> Dict[str, str]:
+def reference_versions(ref) -> Dict[str, object]:
     import diffusers
     import transformers
 
     return {"torch": ref.torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "device": str(ref.device),
-            "dtype": str(ref.dtype).replace("torch.", "")}
+            "dtype": str(ref.dtype).replace("torch.", ""),
+            "threads": ref.torch.get_num_threads()}

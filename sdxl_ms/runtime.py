@@ -19,6 +19,7 @@ from typing import Optional, Union
 import mindspore as ms
 
 from sdxl_common.errors import InputError
+from sdxl_common.threads import configured_threads
 
 JIT_MODES = ("off", "blocks", "model")
 
@@ -56,14 +57,7 @@ class ExecutionSettings:
             if os.environ.get("SDXL_MS_JIT", "").strip():
                 self.jit_reason = "SDXL_MS_JIT"
         if "threads" not in self._explicit:
-            env = os.environ.get("SDXL_MS_THREADS", "").strip()
-            if not env:
-                self.threads = available_cores()
-            elif env.isdigit():
-                self.threads = int(env) or None
-            else:
-                raise InputError(f"SDXL_MS_THREADS must be a whole number of threads, got "
-                                 f"{os.environ['SDXL_MS_THREADS']!r}")
+            self.threads = configured_threads()
 
     def set_jit(self, mode: Union[str, bool, None], reason: str = "set") -> None:
         self.jit = parse_jit(mode)
@@ -118,14 +112,6 @@ def parse_jit(mode) -> str:
     if name not in JIT_MODES:
         raise InputError(f"jit mode must be one of {', '.join(JIT_MODES)}, got {mode!r}")
     return name
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def is_cpu() -> bool:
