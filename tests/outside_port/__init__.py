@@ -46,8 +46,8 @@ Run (the harness hands a port the golden's weights as a diffusers folder unless
 Measured (MindSpore 2.10 CPU, policy `default`, goldens tiny-default: euler + euler_a, 4 steps;
 tiny-float16: euler, 2 steps). Faithful `make`: float32 PASS 7/7 (worst: conditioner rel_l2
 5.9e-7, unet 3.8e-6, sampler 3.6e-8, trajectory 2.8e-6, decode 2.2e-6, image 89 dB); float16
-PASS 7/7 (conditioner truth_ratio 1.17, unet truth_ratio 1.17 / rel_l2 6.5e-3, sampler 0,
-trajectory 5.3e-3, decode 2.2e-6). Each defect factory changes one module:
+PASS 7/7 (largest truth ratios: conditioner 1.18, unet 1.26, sampler 1.00, trajectory 1.02,
+decode 0.019, image 0.98; rel_l2 unet 5.3e-3, trajectory 5.0e-3, decode 2.2e-6). Each defect factory changes one module:
 
 | factory | the one change | float32 golden | float16 golden |
 |---|---|---|---|
