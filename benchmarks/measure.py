@@ -82,7 +82,8 @@ def make_record(spec: Spec, workload: Workload, samples: List[float], warmup_s: 
         "load_s": load_s,
         "baseline_rss_bytes": baseline_rss,
         "loaded_rss_bytes": loaded_rss,
-        "peak_rss_bytes": peak_rss_bytes(),
+        # the kernel updates ru_maxrss lazily: an RSS read earlier can stand above it
+        "peak_rss_bytes": max([peak_rss_bytes()] + [r for r in (baseline_rss, loaded_rss) if r]),
         "device_peak_bytes": device_peak_bytes(spec.side, spec.device),
         "flops": spec.flops(),
         "weights": spec.weights_note(),

@@ -142,13 +142,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sdxl_ms.config import get_preset
 
     from .flops import flops_by_kind
-    from .runner import run_spec_in_subprocess
+    from .runner import default_checkpoint, run_spec_in_subprocess
 
     size = args.size or get_preset(args.preset).default_size
-    checkpoint = None
-    if args.preset == "tiny":
-        from sdxl_ms.weights.synthetic import cached_checkpoint
-        checkpoint = str(cached_checkpoint("tiny", 0))
+    checkpoint = default_checkpoint(args.preset, 0)
     sections, raw = [], {}
     for component in args.components.split(","):
         runs = {}

@@ -133,10 +133,8 @@ def resolve(args: argparse.Namespace) -> Dict:
         if args.preset and args.preset != found:
             raise UsageError(f"--checkpoint {path} holds the {found} layout, not {args.preset}")
         preset, checkpoint = found, str(path.resolve())
-    elif preset == "tiny" and not args.random_weights:
-        from sdxl_ms.weights.synthetic import cached_checkpoint
-
-        checkpoint = str(cached_checkpoint("tiny", args.seed))
+    elif not args.random_weights:
+        checkpoint = default_checkpoint(preset, args.seed)
     cfg = get_preset(preset)
     height = args.height or cfg.default_size
     width = args.width or cfg.default_size
@@ -146,6 +144,17 @@ def resolve(args: argparse.Namespace) -> Dict:
                          f"got {height}x{width}")
     return {"components": components, "port_modes": port_modes, "preset": preset,
             "height": height, "width": width, "checkpoint": checkpoint}
+
+
+def default_checkpoint(preset: str, seed: int) -> Optional[str]:
+    """What a measurement loads without --checkpoint: tiny's cached seeded checkpoint (small
+    on disk, and both sides read the same file), None (seeded random weights built in memory)
+    for the larger presets, whose checkpoint files would be gigabytes."""
+    if preset != "tiny":
+        return None
+    from sdxl_ms.weights.synthetic import cached_checkpoint
+
+    return str(cached_checkpoint("tiny", seed))
 
 
 def _checkpoint_preset(path: Path) -> str:

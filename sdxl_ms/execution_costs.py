@@ -100,9 +100,13 @@ def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str,
         return Choice("off", {}, f"{dtype}: compiled graphs round differently from PyNative, "
                                  "so reduced-precision checks run in PyNative")
     estimates, scaled = estimate(preset, height, width, dtype, calls, costs)
-    if len(estimates) < 2:
+    if not estimates:
         return Choice("off", estimates, f"no measured costs for preset '{preset}' in "
                                         f"{dtype}: PyNative")
+    if len(estimates) < 2:
+        only = next(iter(estimates))
+        return Choice("off", estimates, f"only {only} measured for preset '{preset}' in "
+                                        f"{dtype}, nothing to compare it with: PyNative")
     best = min(estimates, key=estimates.get)
     size = "scaled by pixels from the nearest measured size" if scaled else "measured"
     listed = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(estimates.items(), key=lambda kv: kv[1]))

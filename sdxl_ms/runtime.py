@@ -45,6 +45,7 @@ class ExecutionSettings:
         self.jit = parse_jit(jit)
         self.threads = threads
         self._explicit = set()  # names a setter fixed: the environment no longer applies
+        self._jit_from_env = False  # SDXL_MS_JIT chose the mode
         self.jit_reason = "default"  # why `jit` is what it is, for reports
 
     def read_env(self) -> None:
@@ -54,7 +55,8 @@ class ExecutionSettings:
                 self.jit = parse_jit(os.environ.get("SDXL_MS_JIT", "off"))
             except InputError as err:
                 raise InputError(f"SDXL_MS_JIT: {err}") from None
-            if os.environ.get("SDXL_MS_JIT", "").strip():
+            self._jit_from_env = bool(os.environ.get("SDXL_MS_JIT", "").strip())
+            if self._jit_from_env:
                 self.jit_reason = "SDXL_MS_JIT"
         if "threads" not in self._explicit:
             self.threads = configured_threads()
@@ -82,7 +84,7 @@ class ExecutionSettings:
     def jit_decided(self) -> bool:
         """Whether a setter or SDXL_MS_JIT chose the mode (a measured choice must not
         override either)."""
-        return "jit" in self._explicit or self.jit_reason == "SDXL_MS_JIT"
+        return "jit" in self._explicit or self._jit_from_env
 
     def set_threads(self, threads: Optional[int]) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)

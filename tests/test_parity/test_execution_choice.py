@@ -83,6 +83,14 @@ def test_reduced_precision_and_unmeasured_presets_run_pynative():
     assert other.jit == "off" and "no measured costs for preset 'small'" in other.reason
 
 
+def test_one_measured_mode_is_kept_and_said_to_have_nothing_to_compare_with():
+    costs = tuple(c for c in _costs(off=(0.0, 1.0), blocks=(0.0, 0.1), model=(0.0, 0.1))
+                  if c.jit == "blocks")
+    got = choose("tiny", 64, 64, "float32", {"unet": 10}, costs)
+    assert got.jit == "off" and got.estimates_s == pytest.approx({"blocks": 1.0})
+    assert "only blocks measured for preset 'tiny'" in got.reason
+
+
 def test_committed_costs_are_derived_from_the_committed_baselines():
     import importlib.util
 
