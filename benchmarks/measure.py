@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .workloads import Spec, Workload, build, device_peak_bytes, import_framework, modes_for
 
@@ -97,15 +97,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--spec", required=True, help="a workloads.Spec as JSON")
     parser.add_argument("--result", required=True, help="where to write the measurement JSON")
     args = parser.parse_args(argv)
+    return run_child(args.spec, args.result, measure)
+
+
+def run_child(spec_json: str, result: str, work: Callable[[Spec], Dict[str, Any]]) -> int:
+    """The child's side of `runner.run_spec_in_subprocess`: `work` on the spec, its record
+    written to `result` as JSON; on failure the traceback, then the one line the runner
+    shows, and exit status 1."""
     try:
-        record = measure(Spec.from_json(args.spec))
+        record = work(Spec.from_json(spec_json))
     except Exception as exc:  # the runner shows the last line; the traceback goes to stderr
         traceback.print_exc()
         print(f"measurement failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     from sdxl_common.atomic import atomic_write_text
 
-    atomic_write_text(args.result, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(result, json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -132,12 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spec:  # the child (runner.run_spec_in_subprocess): one side of one component
-        try:
-            Path(args.result).write_text(json.dumps(profile_side(Spec.from_json(args.spec))))
-        except Exception as exc:
-            print(f"measurement failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        from .measure import run_child
+
+        return run_child(args.spec, args.result, profile_side)
 
     from sdxl_ms.config import get_preset
 

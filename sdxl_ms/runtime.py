@@ -51,11 +51,12 @@ class ExecutionSettings:
     def read_env(self) -> None:
         """Take SDXL_MS_JIT and SDXL_MS_THREADS, except where a setter already decided."""
         if "jit" not in self._explicit:
+            env = os.environ.get("SDXL_MS_JIT", "")
             try:
-                self.jit = parse_jit(os.environ.get("SDXL_MS_JIT", "off"))
+                self.jit = parse_jit(env)  # unset or empty: off
             except InputError as err:
                 raise InputError(f"SDXL_MS_JIT: {err}") from None
-            self._jit_from_env = bool(os.environ.get("SDXL_MS_JIT", "").strip())
+            self._jit_from_env = bool(env.strip())
             if self._jit_from_env:
                 self.jit_reason = "SDXL_MS_JIT"
         if "threads" not in self._explicit:
