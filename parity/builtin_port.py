@@ -31,7 +31,7 @@ def choose_execution(rec, stages: Sequence[str]) -> Dict[str, object]:
     spec = rec.spec
     choice = choose(spec.preset, rec.meta["height"], rec.meta["width"], spec.dtype,
                     network_calls(rec, stages))
-    settings.pick_jit(choice.jit, f"picked: {choice.reason}")
+    settings.pick_jit(choice.jit, f"picked: {choice.reason}", choice.networks)
     return choice.to_dict()
 
 

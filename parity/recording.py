@@ -16,6 +16,7 @@ Tensor names (`<s>` is a sampler name, `<k>` a UNet call, `<i>` a sampler step):
                                                     port's (variance-exploding) parametrisation
   <s>/decoded, <s>/image                            float (B,3,H,W) and uint8 (B,H,W,3)
   decode_probe/latents, decode_probe/decoded        a low-amplitude decode, sensitive to eps bugs
+                                                    (at most 32x32 latents: `probe_shape`)
   truth/<key>                                       `record --truth`: the reference in float64 on
                                                     the same inputs, teacher-forced, for the
                                                     conditioner outputs, UNet eps and decodes
@@ -284,15 +285,44 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def stored_file_sha256(path: Path) -> str:
+    """`file_sha256`, remembered on disk under the cache folder by the file's identity (path,
+    device, inode, size, modification time in ns), as make and git trust a file's stat: a
+    checkpoint is hashed once, not by every process that asks. sdxl-base's 13 GB took 10-25 s
+    a time (page cache warm or not), and `sdxl-parity run` asked twice (the reference's process
+    when recording, this one when checking the golden's weights). Where the cache folder cannot
+    be written, it hashes each time."""
+    from sdxl_common.atomic import atomic_write_text
+    from sdxl_common.paths import cache_dir
+
+    path = Path(path).resolve()
+    st = path.stat()
+    identity = f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    entry = cache_dir() / "file-sha256" / hashlib.sha256(identity.encode()).hexdigest()
+    try:
+        known = entry.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    digest = file_sha256(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, digest + "\n")
+    except OSError:
+        pass
+    return digest
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: Path, stamp: Tuple) -> str:
     """`stamp`: (file, mtime, size) of every file, sorted; a changed file is a new key."""
     if path.is_file():
-        return file_sha256(path)
+        return stored_file_sha256(path)
     h = hashlib.sha256()
     for name, _, _ in stamp:
         f = Path(name)
-        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+        h.update(f"{f.relative_to(path).as_posix()}\0{stored_file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -303,4 +333,4 @@ def checkpoint_sha256(path) -> str:
     path = Path(path).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    return _cached_sha256(path, stamp)  # hashed once per content: a full-size one takes ~10 s
+    return _cached_sha256(path, stamp)  # each file hashed once: `stored_file_sha256`

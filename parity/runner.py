@@ -56,7 +56,8 @@ def check(rec: Recording, out_dir: Path, *, policy: Optional[Policy] = None, por
                 from .builtin_port import choose_execution
 
                 chosen = choose_execution(rec, stages)
-                log(f"port execution: jit {chosen['jit']} ({chosen['reason']})")
+                modes = ", ".join(f"{net} {mode}" for net, mode in chosen.get("networks", {}).items())
+                log(f"port execution: jit {modes or chosen['jit']} ({chosen['reason']})")
         if locate and has_cells(port):
             check_locate_inputs(rec)
         return _check_port(rec, out_dir, port, port_spec, ckpt, policy, devices, stages,

@@ -225,7 +225,8 @@ def stage_decode(ctx: StageContext) -> StageResult:
                for call in decode_calls(ctx.rec)]
     return ctx.result(
         "decode", tensors,
-        notes=["probe: a 0.1-amplitude latent, where normalisation epsilons are not negligible"])
+        notes=["probe: a 0.1-amplitude latent (at most 32x32), where normalisation epsilons are "
+               "not negligible"])
 
 
 def stage_image(ctx: StageContext) -> StageResult:

@@ -17,7 +17,7 @@ parity check reports; those dtypes run in PyNative.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -45,15 +45,21 @@ class ModeCost:
 
 @dataclass(frozen=True)
 class Choice:
-    """The mode picked for a workload, with every mode's estimated seconds and why."""
+    """The mode picked for a workload, with every mode's estimated seconds and why.
+    `networks`: a mode per network where the networks' cheapest modes differ (`jit` is then
+    the mode of the network that costs most)."""
 
     jit: str
     estimates_s: Dict[str, float]
     reason: str
+    networks: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, object]:
-        return {"jit": self.jit, "reason": self.reason,
-                "estimates_s": {k: round(v, 2) for k, v in self.estimates_s.items()}}
+        out = {"jit": self.jit, "reason": self.reason,
+               "estimates_s": {k: round(v, 2) for k, v in self.estimates_s.items()}}
+        if self.networks:
+            out["networks"] = dict(self.networks)
+        return out
 
 
 @lru_cache(maxsize=None)
@@ -69,27 +75,37 @@ def _nearest(costs, preset: str, dtype: str, network: str, jit: str,
     return min(found, key=lambda c: abs(c.height * c.width - pixels), default=None)
 
 
+def network_estimates(preset: str, height: int, width: int, dtype: str,
+                      calls: Mapping[str, int], costs: Optional[Tuple[ModeCost, ...]] = None
+                      ) -> Tuple[Dict[str, Dict[str, float]], bool]:
+    """{network: {mode: estimated seconds}} for each network the workload calls, in each mode
+    measured for it (its compile plus its calls), and whether any per-call time was scaled
+    from another size."""
+    costs = measured_costs() if costs is None else costs
+    pixels, scaled, out = height * width, False, {}
+    for network, n in calls.items():
+        if not n:
+            continue
+        out[network] = {}
+        for jit in BENCH_MODES.values():
+            cost = _nearest(costs, preset, dtype, network, jit, pixels)
+            if cost is None:
+                continue
+            factor = 1.0
+            if network in SCALES_WITH_PIXELS and cost.height * cost.width != pixels:
+                factor, scaled = pixels / (cost.height * cost.width), True
+            out[network][jit] = cost.compile_s + n * cost.call_s * factor
+    return out, scaled
+
+
 def estimate(preset: str, height: int, width: int, dtype: str, calls: Mapping[str, int],
              costs: Optional[Tuple[ModeCost, ...]] = None) -> Tuple[Dict[str, float], bool]:
     """Estimated seconds of the port's network work per mode (modes measured for every
     network the workload calls), and whether any per-call time was scaled from another size."""
-    costs = measured_costs() if costs is None else costs
-    pixels, scaled, out = height * width, False, {}
-    for jit in BENCH_MODES.values():
-        total = 0.0
-        for network, n in calls.items():
-            if not n:
-                continue
-            cost = _nearest(costs, preset, dtype, network, jit, pixels)
-            if cost is None:
-                break
-            factor = 1.0
-            if network in SCALES_WITH_PIXELS and cost.height * cost.width != pixels:
-                factor, scaled = pixels / (cost.height * cost.width), True
-            total += cost.compile_s + n * cost.call_s * factor
-        else:
-            out[jit] = total
-    return out, scaled
+    per_network, scaled = network_estimates(preset, height, width, dtype, calls, costs)
+    modes = [jit for jit in BENCH_MODES.values()
+             if all(jit in modes for modes in per_network.values())]
+    return {jit: sum(modes[jit] for modes in per_network.values()) for jit in modes}, scaled
 
 
 def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str, int],
@@ -110,6 +126,16 @@ def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str,
     best = min(estimates, key=estimates.get)
     size = "scaled by pixels from the nearest measured size" if scaled else "measured"
     listed = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(estimates.items(), key=lambda kv: kv[1]))
+    per_network, _ = network_estimates(preset, height, width, dtype, calls, costs)
+    cheapest = {net: min(modes, key=modes.get) for net, modes in per_network.items() if modes}
+    mixed = sum(per_network[net][mode] for net, mode in cheapest.items())
+    if len(set(cheapest.values())) > 1 and mixed < estimates[best]:
+        # each network in its own cheapest mode: networks compile and run independently
+        costliest = max(cheapest, key=lambda net: per_network[net][cheapest[net]])
+        modes = ", ".join(f"{net} {mode}" for net, mode in cheapest.items())
+        return Choice(cheapest[costliest], estimates,
+                      f"least estimated time ({size}, compile included): per network "
+                      f"({modes}) {mixed:.1f} s; one mode for all: {listed}", cheapest)
     return Choice(best, estimates, f"least estimated time ({size}, compile included): {listed}")
 
 

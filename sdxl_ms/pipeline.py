@@ -64,8 +64,9 @@ class SDXLPipeline:
 
     def _encode_text(self, prompts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
         ids = self.tokenize(prompts)
-        crossattn, pooled = self.model.conditioner.encode_text(
-            Tensor(ids["input_ids"]), Tensor(ids["input_ids_2"]))
+        with settings.running("text"):
+            crossattn, pooled = self.model.conditioner.encode_text(
+                Tensor(ids["input_ids"]), Tensor(ids["input_ids_2"]))
         return _f32(crossattn), _f32(pooled)
 
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None, *,
@@ -98,8 +99,9 @@ class SDXLPipeline:
         t = np.broadcast_to(np.asarray(timestep, dtype=np.float32).reshape(-1), (b,))
         vector = self.model.conditioner.vector(Tensor(np.asarray(text_embeds, np.float32)),
                                                Tensor(np.asarray(time_ids, np.float32)))
-        eps = self.model.unet(Tensor(np.asarray(sample, np.float32)), Tensor(t.copy()),
-                              Tensor(np.asarray(encoder_hidden_states, np.float32)), vector)
+        with settings.running("unet"):
+            eps = self.model.unet(Tensor(np.asarray(sample, np.float32)), Tensor(t.copy()),
+                                  Tensor(np.asarray(encoder_hidden_states, np.float32)), vector)
         return _f32(eps)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -107,7 +109,8 @@ class SDXLPipeline:
         A float16 model decodes with `decoding_vae()` (float32)."""
         z = Tensor(np.asarray(latents, np.float32) / np.float32(self.cfg.vae.scale_factor))
         vae = self.decoding_vae()
-        return _f32(vae.decode(z.astype(vae.dtype)))
+        with settings.running("vae"):
+            return _f32(vae.decode(z.astype(vae.dtype)))
 
     def decoding_vae(self):
         """The VAE that decodes. For float16 a float32 copy of the float16 weights, made once:

@@ -13,8 +13,9 @@ that second path was removed (docs/porting-notes.md, section 4).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import mindspore as ms
 
@@ -47,6 +48,8 @@ class ExecutionSettings:
         self._explicit = set()  # names a setter fixed: the environment no longer applies
         self._jit_from_env = False  # SDXL_MS_JIT chose the mode
         self.jit_reason = "default"  # why `jit` is what it is, for reports
+        self.network_jit: Dict[str, str] = {}  # per network ("text", "unet", "vae"), if picked
+        self._running: Optional[str] = None  # the mode of the network running now
 
     def read_env(self) -> None:
         """Take SDXL_MS_JIT and SDXL_MS_THREADS, except where a setter already decided."""
@@ -63,24 +66,46 @@ class ExecutionSettings:
             self.threads = configured_threads()
 
     def set_jit(self, mode: Union[str, bool, None], reason: str = "set") -> None:
+        """One mode for every network, from now on."""
         self.jit = parse_jit(mode)
         self.jit_reason = reason
+        self.network_jit = {}
         self._explicit.add("jit")
 
     def jit_state(self) -> tuple:
         """What `restore_jit` puts back: a temporary mode change leaves the choice as it was."""
-        return self.jit, self.jit_reason, "jit" in self._explicit
+        return self.jit, self.jit_reason, "jit" in self._explicit, dict(self.network_jit)
 
     def restore_jit(self, state: tuple) -> None:
-        self.jit, self.jit_reason, explicit = state
+        self.jit, self.jit_reason, explicit, self.network_jit = state
         if not explicit:
             self._explicit.discard("jit")
 
-    def pick_jit(self, mode: str, reason: str) -> None:
+    def pick_jit(self, mode: str, reason: str,
+                 networks: Optional[Dict[str, str]] = None) -> None:
         """A mode chosen for one workload (the parity harness's measured choice): unlike
-        `set_jit` it decides nothing for the next workload, which is picked afresh."""
+        `set_jit` it decides nothing for the next workload, which is picked afresh.
+        `networks`: a mode per network where they differ (`mode` for any other)."""
         self.jit = parse_jit(mode)
         self.jit_reason = reason
+        self.network_jit = {name: parse_jit(m) for name, m in (networks or {}).items()}
+
+    def active_jit(self) -> str:
+        """The mode in force: the running network's (`running`), else `jit`."""
+        return self._running or self.jit
+
+    @contextlib.contextmanager
+    def running(self, network: str):
+        """`network`'s mode in force while it runs: the pipeline's entry points (never inside
+        a graph) wrap each network call in this. Nested, the outer network's mode stays."""
+        if self._running is not None:
+            yield
+            return
+        self._running = self.network_jit.get(network, self.jit)
+        try:
+            yield
+        finally:
+            self._running = None
 
     def jit_decided(self) -> bool:
         """Whether a setter or SDXL_MS_JIT chose the mode (a measured choice must not
@@ -95,12 +120,16 @@ class ExecutionSettings:
         self._explicit.add("threads")
 
     def summary(self) -> dict:
-        """What reports record: device target, graph mode, kernel threads."""
+        """What reports record: device target, graph mode (per network where picked so),
+        kernel threads."""
         cpu = is_cpu()
-        return {"device_target": ms.get_context("device_target"), "jit": self.jit,
-                "jit_reason": self.jit_reason,
-                "threads": self.threads if cpu else None,
-                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") if cpu else None}
+        out = {"device_target": ms.get_context("device_target"), "jit": self.jit,
+               "jit_reason": self.jit_reason,
+               "threads": self.threads if cpu else None,
+               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") if cpu else None}
+        if self.network_jit:
+            out["jit_networks"] = dict(self.network_jit)
+        return out
 
 
 def parse_jit(mode) -> str:
@@ -155,4 +184,11 @@ def init_runtime() -> None:
 
 def jit_enabled() -> bool:
     """Whether blocks run as shared compiled graphs ("blocks" mode)."""
-    return settings.jit == "blocks"
+    # attribute reads only: a graph that calls a network (a port's ms.jit) evaluates this
+    # while tracing, where a context manager cannot run
+    return (settings._running or settings.jit) == "blocks"
+
+
+def model_graphs_enabled() -> bool:
+    """Whether each network runs as one compiled graph ("model" mode)."""
+    return (settings._running or settings.jit) == "model"

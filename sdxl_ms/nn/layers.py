@@ -289,8 +289,12 @@ def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
     reduced = out_dtype != ms.float32
     if reduced:
         q_t, k_t = q_t.astype(ms.float32), k_t.astype(ms.float32)
+    scale = 1.0 / math.sqrt(d)
+    if _exact_scale(scale):  # scaling q instead of the scores: same bits, L-fold fewer products
+        q_t = q_t * scale
     scores = _BMM_TN(q_t.reshape(heads, d, length), k_t.reshape(heads, d, k_t.shape[1]))
-    scores = scores * (1.0 / math.sqrt(d))
+    if not _exact_scale(scale):
+        scores = scores * scale
     if mask is not None:
         scores = scores + mask
     if not reduced:
@@ -301,6 +305,15 @@ def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
     weights = weights.astype(out_dtype).astype(ms.float32)
     out = _BMM_NT(v_t.astype(ms.float32).reshape(heads, d, v_t.shape[1]), weights)
     return (out / total.reshape(heads, 1, length)).reshape(inner, length).astype(out_dtype)
+
+
+def _exact_scale(scale: float) -> bool:
+    """Whether multiplying by `scale` is exact (a power of two, as 1/sqrt(64) is), so applying it
+    to q before q^T k gives the very bits of applying it to the scores after: every rounding of
+    the product's sum scales with it. The scores are (L, Lk) per head against q's (d, L); at
+    1024x1024 the UNet's 4096-token self-attentions spent about 10% of their core on the
+    scores' multiply (measured)."""
+    return math.frexp(scale)[0] == 0.5
 
 
 def attention_t(x, context, batch: int, heads: int, wq, wk, wv, bq=None, bk=None, bv=None,

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ..runtime import init_runtime, jit_enabled, settings
+from ..runtime import init_runtime, jit_enabled, model_graphs_enabled
 
 _unit_graphs: Dict[Tuple, Any] = {}
 # id(module) -> ([pre-hooks], [forward hooks]), each (hook_fn, with_kwargs): the observer slot
@@ -249,7 +249,7 @@ def run_model(module, fn, *args):
     The signature keys the graph cache so that a patched layer compiles a new graph; it stays
     on the Python side: handing it to the graph as an argument made ms.jit recompile on every
     call (*measured*: 31 s per tiny UNet call)."""
-    if settings.jit != "model":
+    if not model_graphs_enabled():
         return fn(*args)
     graphs = module.__dict__.setdefault("_sdxl_model_graphs", {})
     key = (fn.__name__, signature(module))

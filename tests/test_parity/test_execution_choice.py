@@ -29,7 +29,7 @@ def golden():
 def undecided():
     """The jit setting as a fresh process has it (no setter, no SDXL_MS_JIT), restored after."""
     before = runtime.settings.jit_state()
-    runtime.settings.restore_jit(("off", "default", False))
+    runtime.settings.restore_jit(("off", "default", False, {}))
     yield runtime.settings
     runtime.settings.restore_jit(before)
 
@@ -67,6 +67,25 @@ def test_the_choice_is_the_least_compile_plus_calls():
     assert few.estimates_s == pytest.approx({"off": 1.0, "blocks": 5.5, "model": 30.2})
     assert many.estimates_s == pytest.approx({"off": 100.0, "blocks": 55.0, "model": 50.0})
     assert "measured" in few.reason and "scaled" not in few.reason
+
+
+def test_networks_whose_cheapest_modes_differ_each_get_their_own():
+    """The UNet cheapest in blocks, the VAE in PyNative (as sdxl-base at 1024x1024): each
+    network runs in its own mode when that beats every single mode, and says so."""
+    costs = _costs(off=(0.0, 1.0), blocks=(5.0, 0.5)) + tuple(
+        ModeCost("tiny", 64, 64, "float32", "vae", jit, *cost)
+        for jit, cost in {"off": (0.0, 1.0), "blocks": (2.0, 1.2)}.items())
+    # unet x20: off 20, blocks 15; vae x3: off 3, blocks 5.6 -> one mode: off 23, blocks 20.6
+    got = choose("tiny", 64, 64, "float32", {"unet": 20, "vae": 3}, costs)
+    assert got.networks == {"unet": "blocks", "vae": "off"}
+    assert got.jit == "blocks"  # the costlier network's mode
+    assert got.estimates_s == pytest.approx({"off": 23.0, "blocks": 20.6})
+    assert "per network (unet blocks, vae off) 18.0 s; one mode for all: blocks 20.6 s" \
+        in got.reason
+    assert got.to_dict()["networks"] == {"unet": "blocks", "vae": "off"}
+    # where one mode is cheapest for every network, nothing is split
+    same = choose("tiny", 64, 64, "float32", {"unet": 2, "vae": 3}, costs)
+    assert (same.jit, same.networks) == ("off", {})
 
 
 def test_an_unmeasured_size_scales_the_call_time_by_pixels_and_says_so():

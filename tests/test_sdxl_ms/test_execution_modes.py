@@ -77,6 +77,32 @@ def test_jit_modes_match_diffusers(port, wanted, jit, mode):
     assert compile_count() == compiled
 
 
+def test_each_network_runs_in_the_mode_picked_for_it(port, wanted, jit):
+    """Modes picked per network (the harness's choice at sdxl-base 1024x1024: UNet in blocks,
+    VAE in PyNative): each network compiles only what its own mode compiles, every result
+    still meets diffusers', and the harness's eager context still runs everything eagerly."""
+    settings = runtime.settings
+    settings.pick_jit("off", "test", {"unet": "model", "vae": "blocks"})
+    unet = port.model.model.diffusion_model
+    vae_block = port.model.first_stage_model.decoder.mid.block_1
+    text_layer = next(c for _, c in port.model.conditioner.embedders[0].cells_and_names()
+                      if getattr(c, "graph_unit", False))
+    for cell in (unet, vae_block, text_layer):
+        for attr in ("_sdxl_model_graphs", "_sdxl_unit_graph"):
+            cell.__dict__.pop(attr, None)
+    check_stages(port, wanted)
+    assert unet.__dict__.get("_sdxl_model_graphs")  # the UNet as one graph
+    assert "_sdxl_unit_graph" in vae_block.__dict__  # the VAE's blocks as graphs
+    assert "_sdxl_unit_graph" not in text_layer.__dict__  # the text encoders in PyNative
+    assert settings.active_jit() == "off"  # between networks: the overall mode
+    with port.eager():
+        with settings.running("unet"):
+            assert settings.active_jit() == "off"
+    assert settings.network_jit == {"unet": "model", "vae": "blocks"}
+    jit("blocks")  # an explicit mode applies to every network
+    assert settings.network_jit == {}
+
+
 def compile_count() -> int:
     """Graphs ms.jit has compiled in this process (its phase cache; MindSpore 2.10 keeps it in
     mindspore.graph.api): a graph that recompiles on every call shows as growth here."""
@@ -205,3 +231,24 @@ def test_float16_block_graphs_match_pynative(tiny_checkpoints, jit):
     for key, want in eager.items():
         if np.any(want):
             assert rel_l2(graphs[key], want) <= FLOAT16_GRAPH_TOL, key
+
+
+@pytest.mark.parametrize("d", [64, 48])
+def test_attention_scale_on_q_gives_the_bits_of_scaling_the_scores(d):
+    """1/sqrt(64) is a power of two, so `attention_heads_t` applies it to q (L-fold fewer
+    products than on the scores) and must still give the bits of softmax(q^T k * scale) v;
+    1/sqrt(48) is not, and takes the scores' multiply."""
+    import mindspore as ms
+    from mindspore import ops
+
+    rng = np.random.default_rng(7)
+    heads, length = 2, 40
+    q, k, v = (ms.Tensor(rng.standard_normal((heads * d, length)).astype(np.float32))
+               for _ in range(3))
+    scores = ops.BatchMatMul(transpose_a=True)(q.reshape(heads, d, length),
+                                               k.reshape(heads, d, length))
+    probs = ops.softmax(scores * (1.0 / np.sqrt(d)), axis=-1)
+    want = ops.BatchMatMul(transpose_b=True)(v.reshape(heads, d, length), probs)
+    got = layers.attention_heads_t(q, k, v, heads)
+    assert layers._exact_scale(1.0 / np.sqrt(d)) == (d == 64)
+    np.testing.assert_array_equal(got.asnumpy(), want.reshape(heads * d, length).asnumpy())
