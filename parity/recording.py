@@ -288,8 +288,8 @@ def file_sha256(path: Path) -> str:
 def stored_file_sha256(path: Path) -> str:
     """`file_sha256`, remembered on disk under the cache folder by the file's identity (path,
     device, inode, size, modification time in ns), as make and git trust a file's stat: a
-    checkpoint is hashed once, not by every process that asks. sdxl-base's 13 GB took 10-25 s
-    a time (page cache warm or not), and `sdxl-parity run` asked twice (the reference's process
+    checkpoint is hashed once, not by every process that asks. sdxl-base's 13 GB took about
+    10 s a time in a 1024x1024 run, and `sdxl-parity run` asked twice (the reference's process
     when recording, this one when checking the golden's weights). Where the cache folder cannot
     be written, it hashes each time."""
     from sdxl_common.atomic import atomic_write_text

@@ -1,6 +1,6 @@
 """A checkpoint's content hash is computed once per file and remembered on disk by the file's
 identity (path, inode, size, modification time): `sdxl-parity run` asks for it in two
-processes, and sdxl-base's 13 GB took 10-25 s each time."""
+processes, and sdxl-base's 13 GB took about 10 s each time."""
 from __future__ import annotations
 
 import hashlib
