@@ -28,14 +28,19 @@ class BadInput(InputError):
 
 
 def parse_threshold(text: str) -> float:
-    """'10%' -> 0.10; a bare number is a fraction ('0.1'). Must be finite and >= 0."""
+    """'10%' -> 0.10; a bare number is a fraction ('0.1'). Must be finite and >= 0. A bare
+    number above 1 is refused: `--fail-over 25` meant 25% and gated at 2500%."""
     raw = str(text).strip()
+    percent = raw.endswith("%")
     try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        value = float(raw[:-1]) / 100 if percent else float(raw)
     except ValueError:
         value = float("nan")
     if not math.isfinite(value) or value < 0:
         raise BadInput(f"bad threshold {text!r}: give a percentage like 10% or a fraction like 0.1")
+    if not percent and value > 1:
+        raise BadInput(f"bad threshold {text!r}: a bare number is a fraction; write "
+                       f"{raw}% for a percentage, or {value / 100:g} as a fraction")
     return value
 
 

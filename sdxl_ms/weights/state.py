@@ -23,7 +23,8 @@ def set_weights(cell: nn.Cell, items: Iterable[Tuple[str, np.ndarray]], prefix: 
     """Assign (name, array) pairs to the parameters of `cell`, casting to each parameter's dtype.
 
     Names must exist and shapes must match; the loader checks the whole checkpoint first and
-    reports every problem at once, so here a mismatch is a programming error.
+    reports every problem at once, so here a mismatch is a programming error. An array already
+    in the parameter's dtype becomes its storage (`parameter_data`): do not change it after.
     """
     params = named_parameters(cell, prefix)
     for name, arr in items:

@@ -492,6 +492,9 @@ def test_parse_threshold():
     assert compare.parse_threshold("10%") == pytest.approx(0.10)
     assert compare.parse_threshold("0.25") == 0.25
     assert compare.parse_threshold("0%") == 0.0
+    assert compare.parse_threshold("150%") == pytest.approx(1.5)
+    with pytest.raises(compare.BadInput, match=r"write 25% for a percentage, or 0.25 as a fraction"):
+        compare.parse_threshold("25")  # once a 2500% gate that passed everything
 
 
 def test_compare_warns_when_the_runs_differ(baseline_file, tmp_path, capsys):
