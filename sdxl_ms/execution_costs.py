@@ -98,14 +98,12 @@ def network_estimates(preset: str, height: int, width: int, dtype: str,
     return out, scaled
 
 
-def estimate(preset: str, height: int, width: int, dtype: str, calls: Mapping[str, int],
-             costs: Optional[Tuple[ModeCost, ...]] = None) -> Tuple[Dict[str, float], bool]:
-    """Estimated seconds of the port's network work per mode (modes measured for every
-    network the workload calls), and whether any per-call time was scaled from another size."""
-    per_network, scaled = network_estimates(preset, height, width, dtype, calls, costs)
+def _one_mode_for_all(per_network: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """The estimated seconds of the whole workload per mode, for the modes measured for every
+    network it calls."""
     modes = [jit for jit in BENCH_MODES.values()
              if all(jit in modes for modes in per_network.values())]
-    return {jit: sum(modes[jit] for modes in per_network.values()) for jit in modes}, scaled
+    return {jit: sum(modes[jit] for modes in per_network.values()) for jit in modes}
 
 
 def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str, int],
@@ -115,7 +113,8 @@ def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str,
     if dtype != "float32":
         return Choice("off", {}, f"{dtype}: compiled graphs round differently from PyNative, "
                                  "so reduced-precision checks run in PyNative")
-    estimates, scaled = estimate(preset, height, width, dtype, calls, costs)
+    per_network, scaled = network_estimates(preset, height, width, dtype, calls, costs)
+    estimates = _one_mode_for_all(per_network)
     if not estimates:
         return Choice("off", estimates, f"no measured costs for preset '{preset}' in "
                                         f"{dtype}: PyNative")
@@ -126,7 +125,6 @@ def choose(preset: str, height: int, width: int, dtype: str, calls: Mapping[str,
     best = min(estimates, key=estimates.get)
     size = "scaled by pixels from the nearest measured size" if scaled else "measured"
     listed = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(estimates.items(), key=lambda kv: kv[1]))
-    per_network, _ = network_estimates(preset, height, width, dtype, calls, costs)
     cheapest = {net: min(modes, key=modes.get) for net, modes in per_network.items() if modes}
     mixed = sum(per_network[net][mode] for net, mode in cheapest.items())
     if len(set(cheapest.values())) > 1 and mixed < estimates[best]:

@@ -184,11 +184,11 @@ def init_runtime() -> None:
 
 def jit_enabled() -> bool:
     """Whether blocks run as shared compiled graphs ("blocks" mode)."""
-    # attribute reads only: a graph that calls a network (a port's ms.jit) evaluates this
-    # while tracing, where a context manager cannot run
-    return (settings._running or settings.jit) == "blocks"
+    # a graph that calls a network (a port's ms.jit) evaluates this while tracing: no context
+    # manager on this path, only `active_jit`'s attribute reads
+    return settings.active_jit() == "blocks"
 
 
 def model_graphs_enabled() -> bool:
     """Whether each network runs as one compiled graph ("model" mode)."""
-    return (settings._running or settings.jit) == "model"
+    return settings.active_jit() == "model"

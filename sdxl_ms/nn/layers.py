@@ -290,10 +290,11 @@ def attention_heads_t(q_t, k_t, v_t, heads: int, mask: Optional[Tensor] = None):
     if reduced:
         q_t, k_t = q_t.astype(ms.float32), k_t.astype(ms.float32)
     scale = 1.0 / math.sqrt(d)
-    if _exact_scale(scale):  # scaling q instead of the scores: same bits, L-fold fewer products
+    on_q = _exact_scale(scale)  # scaling q instead of the scores: same bits, L-fold fewer products
+    if on_q:
         q_t = q_t * scale
     scores = _BMM_TN(q_t.reshape(heads, d, length), k_t.reshape(heads, d, k_t.shape[1]))
-    if not _exact_scale(scale):
+    if not on_q:
         scores = scores * scale
     if mask is not None:
         scores = scores + mask
