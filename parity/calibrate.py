@@ -103,6 +103,7 @@ def measure(dtypes: Sequence[str], seeds: Sequence[int], prompts: Sequence[str],
                             got[key] = max(got.get(key, 0.0), v)
             floors["cases"].append({"preset": name, "size": size, "dtype": dtype,
                                     "seed": seed, "prompt": prompt,
+                                    "samplers": list(samplers), "steps": steps,
                                     "seconds": round(time.perf_counter() - start, 1)})
         floors["dtypes"][dtype] = per_stage
         if modules:
@@ -123,7 +124,9 @@ def combine_floors(runs: Sequence[Dict]) -> Dict:
     out: Dict = {"cases": [], "device": runs[0].get("device", {}), "dtypes": {}, "modules": {}}
     presets, sizes = [], []
     for run in runs:
-        out["cases"] += run.get("cases", [])
+        setup = run.get("setup", {})
+        run_of = {key: setup[key] for key in ("samplers", "steps") if key in setup}
+        out["cases"] += [{**run_of, **case} for case in run.get("cases", [])]
         for dtype, stages in run.get("dtypes", {}).items():
             for stage, values in stages.items():
                 got = out["dtypes"].setdefault(dtype, {}).setdefault(stage, {})
@@ -131,7 +134,6 @@ def combine_floors(runs: Sequence[Dict]) -> Dict:
                     got[key] = max(got.get(key, v), v)
         for dtype, kinds in run.get("modules", {}).items():
             merge_floors(out["modules"].setdefault(dtype, {}), kinds)
-        setup = run.get("setup", {})
         presets += [p for p in setup.get("preset", "").split(",") if p and p not in presets]
         sizes += [z for z in setup.get("sizes", []) if z and z not in sizes]
     first = runs[0].get("setup", {})
@@ -142,19 +144,14 @@ def combine_floors(runs: Sequence[Dict]) -> Dict:
 
 def derive_policy(base_text: str, floors: Dict, name: str = "calibrated") -> str:
     """The base policy's text with the calibrated bounds rewritten (see the module docstring)."""
-    setup = floors.get("setup", {})
-    n = len(floors.get("cases", [])) // max(1, len(floors.get("dtypes", {})))
-    sizes = [z for z in setup.get("sizes", []) if z]
-    at = f" at {'/'.join(str(z) for z in sizes)} px" if sizes else ""
-    source = (f"{setup.get('preset', '?')}{at}, {n} cases (seeds {setup.get('seeds')}, "
-              f"{len(setup.get('prompts', []))} prompts), port on "
-              f"{floors.get('device', {}).get('port', '?')}")
+    sources = {dtype: _source(floors, dtype) for dtype in
+               set(floors.get("dtypes", {})) | set(floors.get("modules", {}))}
     lines, section, table = [], None, None
     for line in base_text.splitlines():
         header = re.match(r"\[stage\.(\w+)\.(\w+)\]", line)
         module_header = re.match(r"\[(module|module_truth)\.(\w+)\]", line)
         if header or module_header or re.match(r"\s*\[", line):
-            _insert_missing_kinds(lines, table, floors, source)
+            _insert_missing_kinds(lines, table, floors, sources)
             table = None
         if header:
             section = header.groups()
@@ -164,20 +161,48 @@ def derive_policy(base_text: str, floors: Dict, name: str = "calibrated") -> str
         elif re.match(r"\s*\[", line):
             section = None
         if table is not None and "=" in line and not line.lstrip().startswith("#"):
-            replaced = _module_line(line, table, floors, source)
+            replaced = _module_line(line, table, floors, sources.get(table["table"][1], ""))
             if replaced is not None:
                 line = replaced
             table["last"] = len(lines) + 1
         key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else ""
         if section and key:
-            replaced = _calibrated_line(key, section, floors, source)
+            replaced = _calibrated_line(key, section, floors, sources.get(section[1], ""))
             if replaced is not None:
                 line = replaced
         if line.startswith("name = "):
             line = f'name = "{name}"'
         lines.append(line)
-    _insert_missing_kinds(lines, table, floors, source)
+    _insert_missing_kinds(lines, table, floors, sources)
     return "\n".join(lines) + "\n"
+
+
+def _source(floors: Dict, dtype: str) -> str:
+    """Where one dtype's floors were measured: its own cases' presets, sizes and seeds (a
+    combined calibration may have measured float16 at fewer sizes than float32), or the setup's
+    where the cases do not say."""
+    setup = floors.get("setup", {})
+    cases = [c for c in floors.get("cases", []) if c.get("dtype") == dtype]
+    if cases:
+        unique = lambda key: list(dict.fromkeys(  # noqa: E731
+            "+".join(c[key]) if isinstance(c.get(key), list) else c.get(key)
+            for c in cases if c.get(key)))
+        presets, sizes, n = ",".join(unique("preset")), unique("size"), len(cases)
+        seeds = sorted({c["seed"] for c in cases if "seed" in c})
+        prompts, samplers, steps = len(unique("prompt")), unique("samplers"), unique("steps")
+    else:
+        presets, sizes = setup.get("preset", "?"), [z for z in setup.get("sizes", []) if z]
+        n = len(floors.get("cases", [])) // max(1, len(floors.get("dtypes", {})))
+        seeds, prompts = setup.get("seeds"), len(setup.get("prompts", []))
+        samplers, steps = [], []
+    # cases written before they carried their samplers and steps: the setup's
+    samplers = samplers or (["+".join(setup["samplers"])] if setup.get("samplers") else [])
+    steps = steps or ([setup["steps"]] if setup.get("steps") else [])
+    at = f" at {'/'.join(str(z) for z in sizes)} px" if sizes else ""
+    run = (f" {'/'.join(samplers)} x {'/'.join(str(k) for k in steps)} steps,"
+           if samplers and steps else "")
+    return (f"{presets or '?'}{at},{run} {n} cases (seeds {seeds}, {prompts} prompts), port on "
+            f"{floors.get('device', {}).get('port', '?')}")
 
 
 # module bounds from module floors: an own rel L2 bound MODULE_FACTOR x the faithful port's
@@ -230,10 +255,11 @@ def _module_line(line: str, table: Dict, floors: Dict, source: str):
 
 
 def _insert_missing_kinds(lines: List[str], table: Optional[Dict], floors: Dict,
-                          source: str) -> None:
+                          sources: Dict[str, str]) -> None:
     """Lines for the measured kinds the base's table has none for, after its last line."""
     if table is None or table["table"] not in _MODULE_TABLES:
         return
+    source = sources.get(table["table"][1], "")
     measured = floors.get("modules", {}).get(table["table"][1], {})
     found = [(kind, _module_bound(kind, table["table"], floors))
              for kind in sorted(set(measured) - table["seen"])]
@@ -273,14 +299,15 @@ def calibrate(out_dir: Path, dtypes: Sequence[str], seeds: Sequence[int],
               prompts: Sequence[str], base_policy: str = "default", preset: str = "tiny",
               log: Callable[[str], None] = lambda s: None, floors: Dict = None,
               name: str = "calibrated", modules: bool = True,
-              sizes: Sequence[Optional[int]] = (None,)) -> Dict[str, Path]:
+              sizes: Sequence[Optional[int]] = (None,), samplers: Sequence[str] = ("euler",),
+              steps: int = 2) -> Dict[str, Path]:
     """Measure (unless `floors` are given, e.g. an earlier run's floors.json), then write
     `floors.json` and `policy.toml` into `out_dir` (atomically)."""
     from .policy import parse_policy_text, read_policy_text
 
     if floors is None:
         floors = measure(dtypes, seeds, prompts, preset=preset, modules=modules, sizes=sizes,
-                         log=log)
+                         samplers=samplers, steps=steps, log=log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"floors": atomic_write_text(out_dir / "floors.json",

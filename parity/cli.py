@@ -257,6 +257,11 @@ def cmd_calibrate(args) -> int:
         sizes = _integers(args.size, "--size")
         for size in sizes:
             check_size(size, size)
+    samplers = tuple(s for s in args.sampler.split(",") if s)
+    from .recording import RunSpec
+
+    for name in args.preset.split(","):  # bad samplers or steps fail before any work
+        RunSpec(preset=name, samplers=samplers, steps=args.steps).validate()
     load_policy(args.base_policy)  # a bad base fails before any work
     floors = None
     if args.floors:
@@ -275,7 +280,7 @@ def cmd_calibrate(args) -> int:
     out = check_output_dir(args.out, "calibration folder")
     paths = calibrate(out, dtypes, seeds, prompts, base_policy=args.base_policy,
                       preset=args.preset, log=_log(args), floors=floors, name=args.name,
-                      modules=args.modules, sizes=sizes)
+                      modules=args.modules, sizes=sizes, samplers=samplers, steps=args.steps)
     floors = json.loads(paths["floors"].read_text())
     print("\n".join(markdown_table(["dtype", "stage", "port vs ref (rel_l2)", "ref vs truth",
                             "port vs truth", "truth_ratio"], summary_rows(floors))))
@@ -572,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "[module_truth.float16] (default: on)")
     ca.add_argument("--dtype", default="float32,float16", help="comma-separated dtypes")
     ca.add_argument("--seeds", default="0,1", help="comma-separated noise seeds")
+    ca.add_argument("--sampler", default="euler",
+                    help="comma-separated samplers of each case (default: euler); calibrate "
+                         "with the samplers and steps the policy will judge")
+    ca.add_argument("--steps", type=int, default=2, help="steps of each case (default: 2)")
     ca.add_argument("--prompts", default=None, help="a file, one prompt per line "
                                                     "(default: two built-in prompts)")
     ca.add_argument("--base-policy", default="default",

@@ -31,11 +31,13 @@ from sdxl_common.progress import bar as progress_bar
 
 from .metrics import against_truth, compare, rel_l2
 from .module_capture import CaptureIndex, CaptureReader
+from .module_kinds import ATTENTION_PARTS, CORE_TENSORS
 from .module_layouts import match
 from .module_names import Rename, port_rename
-from .module_pairs import LOCATABLE_STAGES, ModulePair, layout_config, pair_with_port
+from .module_pairs import LOCATABLE_STAGES, ModulePair, core_pair, layout_config, pair_with_port
 from .module_table import Localisation, ModuleRow
-from .port_cells import INPUT_SOURCES, CallPlan, PortCells, has_cells, plain_call, to_numpy
+from .port_cells import (INPUT_SOURCES, CallPlan, PortCells, as_argument, has_cells,
+                         is_tensor, plain_call, to_numpy)
 from .recording import Recording
 from .reference_capture import capture_to
 from .results import TensorResult, Verdict, exception_line
@@ -114,6 +116,7 @@ class PortRun:
         for j, p in self.paired.items():  # the capture's entries name their port module now
             index.pairs[j] = p
         self.modules = {j: self.cells.module(p.port_path) for j, p in self.paired.items()}
+        self.cores = self._core_parts()  # attention's position -> {q, k, v, core: port cell}
         self.inline = _inline_producers(index, self.paired)  # consumer -> producer
         self.plans: Dict[int, CallPlan] = {}
         self.out_layouts: Dict[int, object] = {}
@@ -168,7 +171,8 @@ class PortRun:
         is called as a stock Cell is, on the reference's inputs; where that fails too it goes
         to `not_called`, not a row."""
         rows = sorted(list(self.paired) + list(self.inline_values))
-        with progress_bar(total=len(rows), desc=desc, unit="module") as bar, self.cells.eager():
+        with progress_bar(total=len(rows) + len(self.cores), desc=desc,
+                          unit="module") as bar, self.cells.eager():
             for j in rows:
                 bar.update(1)
                 recorded = self.reader.tensors(j)
@@ -190,10 +194,76 @@ class PortRun:
                         self.not_called.append(pair.module)
                         continue
                     error = e
+                if j in self.cores:  # its core's row first: the core returns before the module
+                    bar.update(1)
+                    if error is None:  # a module that raised is named by its own row
+                        yield self._core_row(j, pair, recorded, args, kwargs)
                 if out is not None:
                     recorded = {k: (v[:len(out)] if k in ("out", "truth") else v)
                                 for k, v in recorded.items()}
                 yield j, pair, recorded, out, error
+
+    def _core_parts(self) -> Dict[int, Dict[str, object]]:
+        """The paired attentions whose core the capture holds and whose q, k, v and output
+        projections are port modules of their own, paired with the reference's: position ->
+        {"q", "k", "v", "core": the port cell}. A port that computes q, k and v in one
+        projection of the module's own (open_clip's `in_proj_weight`) has no core row."""
+        at = {p.reference: j for j, p in self.paired.items()}
+        out = {}
+        for j, pair in self.paired.items():
+            children = ATTENTION_PARTS.get(pair.kind)
+            if children is None or "core" not in self.reader.index.members[j]:
+                continue
+            found = [at.get(f"{pair.reference}.{child}") for child in children]
+            if None not in found:
+                out[j] = {role: self.modules[i] for role, i in zip(CORE_TENSORS, found)}
+        return out
+
+    def _core_row(self, j: int, pair: ModulePair, recorded: Dict[str, np.ndarray],
+                  args: tuple, kwargs: dict):
+        """The attention's core teacher-forced: the port's attention on the reference's inputs
+        with its q, k and v projections' outputs replaced by the reference's own (through
+        forward hooks that return them, laid out as the port's were), its output projection's
+        input taken as the port's core output. What `own_outputs` yields for the core's row."""
+        core = core_pair(pair)
+        want = {"out": recorded["core"]}
+        if "core_truth" in recorded:
+            want["truth"] = recorded["core_truth"]
+        kept: Dict[str, object] = {}
+
+        def force(role: str):
+            def hook(cell, hook_args, output):
+                port = to_numpy(output)
+                layout = match({role: recorded[role]}, port, [role], "Linear",
+                               self.reversed_batch)
+                if layout is None:
+                    raise ValueError(f"its {role} projection's output of shape {port.shape} "
+                                     f"fits no layout of the reference's {recorded[role].shape}")
+                return as_argument(layout[0].to_port(recorded[role]), (True, output.dtype))
+            return hook
+
+        def keep(cell, hook_args):
+            kept.setdefault("core", next(a for a in hook_args if is_tensor(a)))
+
+        parts = self.cores[j]
+        handles = [parts[role].register_forward_hook(force(role)) for role in ("q", "k", "v")]
+        handles.append(parts["core"].register_forward_pre_hook(keep))
+        try:
+            self.cells.call(self.modules[j], args, kwargs)
+            if "core" not in kept:
+                raise ValueError("its output projection was not called")
+            port = to_numpy(kept["core"])
+            layout = match({"out": want["out"]}, port, ["out"], "Linear", self.reversed_batch)
+            if layout is None:
+                raise ValueError(f"its core output of shape {port.shape} fits no layout of "
+                                 f"the reference's {want['out'].shape}")
+            got = layout[0].to_reference(port, want["out"].shape)
+        except Exception as e:  # noqa: BLE001 - the core raised: named, never fatal
+            return None, core, want, None, e
+        finally:
+            for handle in handles:
+                handle.remove()
+        return None, core, {k: v[:len(got)] for k, v in want.items()}, got, None
 
     def _in_reference_layout(self, j: int, got: np.ndarray, want: np.ndarray) -> np.ndarray:
         layout = self.out_layouts.get(j)

@@ -47,6 +47,29 @@ _BY_NETWORK: Dict[Tuple[str, str], str] = {
 # kinds whose main input is token ids, not activations
 TOKEN_ID_KINDS = ("Embedding", "CLIPTextEmbeddings")
 
+# An attention module's core (scores, softmax, the product with v) as its own row: its
+# projections' children as the reference names them, q, k, v (whose outputs are the core's
+# inputs) and the output projection (whose input is the core's output). A softmax computed in
+# float16 moves a whole attention module's error only 1.1-1.2x, because its four projections
+# round more than its core does, but the core's own error 1.5x at the seeded weights' flat
+# attention and up to 6x at peakier logits (docs/precision-at-real-widths.md).
+ATTENTION_PARTS: Dict[str, Tuple[str, str, str, str]] = {
+    "CLIPAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "MultiheadAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "CrossAttention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "AttnBlock": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+CORE_SUFFIX = "Core"  # an attention core's kind: its module's kind + "Core" ("CLIPAttentionCore")
+CORE_TENSORS = ("q", "k", "v", "core")  # what the capture holds of a core, "core" its output
+
+
+def core_kind(kind: str) -> str:
+    return kind + CORE_SUFFIX
+
+
+def is_core_kind(kind: str) -> bool:
+    return kind.endswith(CORE_SUFFIX) and kind[:-len(CORE_SUFFIX)] in ATTENTION_PARTS
+
 
 def network_of(reference_name: str) -> str:
     """"unet/down_blocks.1..." -> "unet"."""

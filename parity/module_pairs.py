@@ -58,6 +58,15 @@ class ModulePair:
         return cls(d.get("module", ""), d["reference"], d["kind"], d.get("port_path", ""))
 
 
+def core_pair(attention: ModulePair) -> ModulePair:
+    """The row of an attention module's core (`module_kinds.ATTENTION_PARTS`): named after the
+    module, of the core's kind."""
+    from .module_kinds import core_kind
+
+    return ModulePair(f"{attention.module} (core)", f"{attention.reference} (core)",
+                      core_kind(attention.kind), attention.port_path)
+
+
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 

@@ -168,7 +168,7 @@ def to_numpy(value) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.kind == "f" else a
 
 
-def _as_argument(value: np.ndarray, template: Tuple[bool, object]):
+def as_argument(value: np.ndarray, template: Tuple[bool, object]):
     """A recorded value as the port passed that argument: a MindSpore Tensor or numpy array,
     of its dtype (recorded float32 holds a float16 run's values exactly; ids are whole)."""
     is_ms, dtype = template
@@ -219,7 +219,7 @@ class CallPlan:
         """The module's arguments with the reference's recorded inputs in place."""
         args, kwargs = list(self.args), dict(self.kwargs)
         for key, layout in self.layouts.items():
-            _place(args, kwargs, key, _as_argument(layout.to_port(recorded[layout.source]),
+            _place(args, kwargs, key, as_argument(layout.to_port(recorded[layout.source]),
                                                    self.templates[key]))
         return tuple(args), kwargs
 
@@ -242,6 +242,6 @@ def plain_call(module, recorded: Dict[str, np.ndarray], kind: str) -> Tuple[tupl
 
     weight = next(iter(module.get_parameters()), None)
     dtype = ms.float32 if weight is None else weight.dtype
-    return tuple(_as_argument(recorded[name], (True, ms.int32 if name == "x" and kind in
+    return tuple(as_argument(recorded[name], (True, ms.int32 if name == "x" and kind in
                                                TOKEN_ID_KINDS else dtype))
                  for name in INPUT_SOURCES if name in recorded), {}

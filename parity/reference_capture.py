@@ -6,11 +6,12 @@ port: which port module is its counterpart is decided when a port is paired with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict
 
 import numpy as np
 
 from .module_capture import CaptureIndex, CaptureWriter
+from .module_kinds import ATTENTION_PARTS, CORE_TENSORS
 from .module_pairs import (ModulePair, captured_kinds, reference_containers, reference_inputs,
                            reference_module_table)
 from .recording import Recording
@@ -28,7 +29,12 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
     `truth`: each module's float64 twin (`float64_twin`) also runs on exactly the arguments the
     reference module got, upcast, so every module has its own truth ("truth"): in reduced
     precision a module's own error is judged against the reference module's own error, as
-    stages are."""
+    stages are.
+
+    An attention whose q, k, v and output projections are children (`ATTENTION_PARTS`) also
+    keeps its core: the projections' outputs ("q", "k", "v") and the out projection's input
+    ("core"), and with `truth` the float64 core on those q, k, v ("core_truth"), so the core
+    between the projections can be judged on its own (`parity.locate`)."""
     import torch
 
     from .reference import to_numpy
@@ -39,6 +45,7 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
                          containers=reference_containers(modules))
     writer = CaptureWriter(path, index)
     handles = []
+    cores = CoreTaps(modules, kinds)
 
     def hook_for(name: str):
         fired = []
@@ -49,13 +56,19 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
                 return
             fired.append(True)
             got = reference_inputs(args, kwargs, output)
+            core = cores.take(name)
+            got.update(core)
             if truth:
-                exact = float64_twin(module)(*_float64(args), **_float64(kwargs))
+                twin = float64_twin(module)
+                exact = twin(*_float64(args), **_float64(kwargs))
                 got["truth"] = reference_inputs(args, kwargs, exact)["out"]
+                if core:
+                    got["core_truth"] = core_truth(twin, cores.parts[name], core, args, kwargs)
             writer.add(entry, {k: to_numpy(v) for k, v in got.items()})
         return hook
 
     try:
+        handles += cores.attach()
         for name in kinds:
             handles.append(modules[name].register_forward_hook(hook_for(name), with_kwargs=True))
         log(f"reference: capturing {len(kinds)} modules of stage {stage}")
@@ -75,6 +88,69 @@ def capture_reference(ref, rec: Recording, stage: str, sampler: str, step: int, 
             h.remove()
         writer.close()
     return index
+
+
+class CoreTaps:
+    """The attention cores of the captured modules (`module_kinds.ATTENTION_PARTS`): hooks on
+    each attention's q, k, v projections keep their outputs and one on its output projection
+    keeps its input, the core's output, until the attention's own hook takes them."""
+
+    def __init__(self, modules: Dict[str, object], kinds: Dict[str, str]):
+        self.modules = modules
+        self.parts = {name: ATTENTION_PARTS[kind] for name, kind in kinds.items()
+                      if kind in ATTENTION_PARTS
+                      and all(f"{name}.{child}" in modules for child in ATTENTION_PARTS[kind])}
+        self._held: Dict[str, Dict[str, object]] = {}
+
+    def attach(self) -> list:
+        handles = []
+        for name, children in self.parts.items():
+            for role, child in zip(CORE_TENSORS, children):
+                module = self.modules[f"{name}.{child}"]
+                if role == "core":
+                    handles.append(module.register_forward_pre_hook(self._keep_input(name)))
+                else:
+                    handles.append(module.register_forward_hook(self._keep_output(name, role)))
+        return handles
+
+    def _keep_output(self, name: str, role: str):
+        def hook(module, args, output):
+            self._held.setdefault(name, {})[role] = output
+        return hook
+
+    def _keep_input(self, name: str):
+        def hook(module, args):
+            self._held.setdefault(name, {})["core"] = args[0]
+        return hook
+
+    def take(self, name: str) -> Dict[str, object]:
+        """q, k, v and core of the attention `name`'s call that just returned ({} for none)."""
+        held = self._held.pop(name, {})
+        return held if all(role in held for role in CORE_TENSORS) else {}
+
+
+def core_truth(twin, children, core: Dict[str, object], args, kwargs):
+    """The float64 core on exactly the reference's own q, k and v: the attention's float64
+    `twin` run with its projections' outputs replaced by them (upcast; a float16 run's values
+    are exact in float64), its output projection's input taken as it starts."""
+    import torch
+
+    got = {}
+    handles = []
+    for role, child in zip(CORE_TENSORS, children):
+        module = twin.get_submodule(child)
+        if role == "core":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a: got.setdefault("core", a[0])))
+        else:
+            forced = core[role].to(torch.float64)
+            handles.append(module.register_forward_hook(lambda m, a, o, forced=forced: forced))
+    try:
+        twin(*_float64(args), **_float64(kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return got["core"]
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",

@@ -5,7 +5,9 @@ For each seed it records a float16 golden of --preset with per-module truths (`r
 injected, and prints, per bug, the verdict, the first failure and the worst truth ratio of each
 module kind per stage; every module's ratio goes to --out as JSON, for the table's margins.
 
-    python tools/precision_bugs.py --preset small --seeds 0,1,2,3 --out /tmp/precision-bugs
+    python tools/precision_bugs.py --preset small --seeds 0,1,2,3 --policy small --out DIR
+
+A seed's recording in --out is reused, so the bugs can be judged again under another policy.
 """
 from __future__ import annotations
 
@@ -28,15 +30,18 @@ def load_fp16_bugs():
 
 
 def _module_kinds(rec, port, stage: str) -> dict:
-    """`module/<port name>` -> kind of every module the port pairs with the capture."""
+    """`module/<port name>` -> kind of every module the port pairs with the capture, and of
+    every attention core it has a row for."""
     from parity.locate import PortRun
     from parity.module_capture import CaptureIndex, CaptureReader
+    from parity.module_pairs import core_pair
 
     index_dict, path = rec.modules[stage]
     reader = CaptureReader(path, CaptureIndex.from_dict(index_dict))
     try:
         run = PortRun(port, reader, rec)
-        return {f"module/{p.module}": p.kind for p in run.paired.values()}
+        rows = list(run.paired.values()) + [core_pair(run.paired[j]) for j in run.cores]
+        return {f"module/{p.module}": p.kind for p in rows}
     finally:
         reader.close()
 
@@ -76,7 +81,8 @@ def _module_ratios_json(report, kinds) -> str:
 
 
 # the module kinds each bug lives in
-BUG_KINDS = {"softmax": ("CLIPAttention", "MultiheadAttention", "CrossAttention"),
+BUG_KINDS = {"softmax": ("CLIPAttentionCore", "CrossAttentionCore", "CLIPAttention",
+                         "MultiheadAttention", "CrossAttention"),
              "groupnorm": ("GroupNorm",), "timestep": ("SinusoidalTimesteps",),
              "vae": ("Decoder",)}
 
@@ -118,14 +124,18 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--bugs", default="none,softmax,groupnorm,timestep,vae")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--policy", default=None,
+                        help="policy name or TOML that judges (default: the packaged default)")
     args = parser.parse_args()
 
+    from parity.policy import load_policy
     from parity.reference_process import record_to_folder
     from parity.recording import Recording, RunSpec, resolve_checkpoint
     from parity.runner import check
     from sdxl_ms import load_pipeline
 
     bugs = load_fp16_bugs()
+    policy = load_policy(args.policy)
     out = Path(args.out or tempfile.mkdtemp(prefix="precision-bugs-"))
     for seed in (int(s) for s in args.seeds.split(",")):
         spec = RunSpec(preset=args.preset, dtype="float16", samplers=("euler",), steps=2,
@@ -142,7 +152,8 @@ def main() -> None:
                 bugs.inject(bug, lambda owner, name, value: (
                     undo.append((owner, name, getattr(owner, name))), setattr(owner, name, value)))
             try:
-                report = check(rec, out / f"seed{seed}-{bug}", port=port, stages=STAGES)
+                report = check(rec, out / f"seed{seed}-{bug}", port=port, stages=STAGES,
+                               policy=policy)
             finally:
                 for owner, name, value in reversed(undo):
                     setattr(owner, name, value)

@@ -14,7 +14,8 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
-from ..nn.layers import Embedding, LayerNorm, Linear, attention_t, gelu, quick_gelu
+from ..nn.layers import (Embedding, LayerNorm, Linear, attend_projections_t, attention_t,
+                         gelu, quick_gelu)
 from ..nn.module import Module, Network, run_model
 
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
@@ -61,6 +62,12 @@ class CLIPAttention(Module):
         self.out_proj = Linear(w, w)
 
     def forward(self, p, x, batch: int):
+        if self.observing:  # watched (a class constant graph mode folds): q, k, v via the children
+            heads_t = attend_projections_t(self.q_proj.transposed_out(p, x),
+                                           self.k_proj.transposed_out(p, x),
+                                           self.v_proj.transposed_out(p, x),
+                                           batch, self.heads, causal=True)
+            return self.out_proj.from_transposed(p, heads_t)
         q, k, v = p["q_proj"], p["k_proj"], p["v_proj"]
         heads_t = attention_t(x, None, batch, self.heads, q["weight"], k["weight"], v["weight"],
                               q["bias"], k["bias"], v["bias"], causal=True)

@@ -10,7 +10,8 @@ from mindspore import nn, ops
 
 from ..config import UNetConfig
 from ..nn.layers import (Conv2d, GroupNorm, Identity, LayerNorm, Linear, SinusoidalTimesteps,
-                         SiLU, Upsample, add_channel_bias_per_image, attention_t, gelu)
+                         SiLU, Upsample, add_channel_bias_per_image, attend_projections_t,
+                         attention_t, gelu)
 from ..nn.module import Module, Network, Sequential, run_model
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm in front of the spatial transformer
@@ -58,8 +59,14 @@ class CrossAttention(Module):
         self.to_out = Sequential([Linear(inner, query_dim), Identity()])
 
     def forward(self, p, x, context, batch: int):
-        heads_t = attention_t(x, context, batch, self.heads, p["to_q"]["weight"],
-                              p["to_k"]["weight"], p["to_v"]["weight"])
+        if self.observing:  # watched (a class constant graph mode folds): q, k, v via the children
+            ctx = x if context is None else context
+            heads_t = attend_projections_t(self.to_q.transposed_out(p, x),
+                                           self.to_k.transposed_out(p, ctx),
+                                           self.to_v.transposed_out(p, ctx), batch, self.heads)
+        else:
+            heads_t = attention_t(x, context, batch, self.heads, p["to_q"]["weight"],
+                                  p["to_k"]["weight"], p["to_v"]["weight"])
         return self.to_out[0].from_transposed(p, heads_t)  # to_out: Sequential(Linear, Dropout)
 
 

@@ -92,8 +92,11 @@ class Linear(Module):
         """Row-major tokens (N, in) -> the transposed output (out, N)."""
         if self.observing:  # a class constant: graph mode folds it away
             self.notify_input(p, x2d)
-        p = p[self.key]
-        return linear_t(x2d, p["weight"], self.optional(p, "bias"))
+        own = p[self.key]
+        y_t = linear_t(x2d, own["weight"], self.optional(own, "bias"))
+        if self.observing:  # hooks see (N, out), as from the plain call, and may replace it
+            y_t = self.notify_output(p, (x2d,), y_t.transpose()).transpose()
+        return y_t
 
     def from_transposed(self, p, y_t):
         """Transposed activations (in, N) -> row-major tokens (N, out)."""
@@ -332,7 +335,7 @@ def attention_t(x, context, batch: int, heads: int, wq, wk, wv, bq=None, bk=None
     ctx = x if context is None else context
     ctx_len = ctx.shape[0] // batch
     if per_image is None:
-        per_image = batch > 1 and heads * length * ctx_len * batch * batch > _BATCHED_SCORES_MAX
+        per_image = _per_image(batch, heads, length, ctx_len)
     if not per_image:
         return attend_t(linear_t(x, wq, bq), linear_t(ctx, wk, bk), linear_t(ctx, wv, bv),
                         batch, heads, causal)
@@ -343,6 +346,26 @@ def attention_t(x, context, batch: int, heads: int, wq, wk, wv, bq=None, bk=None
         outs.append(attend_t(linear_t(xb, wq, bq), linear_t(cb, wk, bk), linear_t(cb, wv, bv),
                              1, heads, causal))
     return ops.cat(outs, axis=1)
+
+
+def attend_projections_t(q_t, k_t, v_t, batch: int, heads: int, causal: bool = False):
+    """`attention_t` on projections already made for all images, q_t (inner, B*L), k_t and
+    v_t (inner, B*Lk): for a module whose q, k and v come from its children's calls (a harness
+    watching them may replace them). Per image it takes each image's column block: a copy, but
+    the same bits as projecting the image alone (*measured*: a GEMM's columns do not depend on
+    how many there are, at SDXL's widths in float32 and float16)."""
+    length, ctx_len = q_t.shape[1] // batch, k_t.shape[1] // batch
+    if not _per_image(batch, heads, length, ctx_len):
+        return attend_t(q_t, k_t, v_t, batch, heads, causal)
+    return ops.cat([attend_t(q_t[:, i * length:(i + 1) * length],
+                             k_t[:, i * ctx_len:(i + 1) * ctx_len],
+                             v_t[:, i * ctx_len:(i + 1) * ctx_len], 1, heads, causal)
+                    for i in range(batch)], axis=1)
+
+
+def _per_image(batch: int, heads: int, length: int, ctx_len: int) -> bool:
+    """Whether attention goes image by image (`attention_t`'s default)."""
+    return batch > 1 and heads * length * ctx_len * batch * batch > _BATCHED_SCORES_MAX
 
 
 def attend_t(q_t, k_t, v_t, batch: int, heads: int, causal: bool = False):

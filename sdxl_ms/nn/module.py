@@ -73,9 +73,16 @@ def _observed_call(module, p, inputs):
     args = (p,) + tuple(inputs)
     for hook, with_kwargs in list(pre):
         hook(module, args, {}) if with_kwargs else hook(module, args)
-    out = module.forward(p[module.key], *inputs)
+    return _forward_hooks(module, post, args, module.forward(p[module.key], *inputs))
+
+
+def _forward_hooks(module, post, args, out):
+    """`out` through the forward hooks: a hook that returns a value replaces the output, as a
+    MindSpore Cell's forward hook does (the harness teacher-forces a projection this way)."""
     for hook, with_kwargs in list(post):
-        hook(module, args, {}, out) if with_kwargs else hook(module, args, out)
+        got = hook(module, args, {}, out) if with_kwargs else hook(module, args, out)
+        if got is not None:
+            out = got
     return out
 _changes = [0]  # bumped by every attribute set on a Module: cached signatures are then stale
 _CELL_ATTRIBUTES = frozenset(nn.Cell().__dict__) | {"key"}  # MindSpore's own, and the name
@@ -134,6 +141,13 @@ class Module(nn.Cell):
         if observed(self):
             for hook, with_kwargs in _OBSERVERS[id(self)][0]:
                 hook(self, (p,) + inputs, {}) if with_kwargs else hook(self, (p,) + inputs)
+
+    def notify_output(self, p, inputs: tuple, out):
+        """For an entry point beside `__call__`: its forward hooks see `out` (in the plain
+        call's layout) and may replace it; the output to go on with."""
+        if not observed(self):
+            return out
+        return _forward_hooks(self, _OBSERVERS[id(self)][1], (p,) + tuple(inputs), out)
 
     def construct(self, p, *inputs):
         return self.forward(p[self.key], *inputs)

@@ -29,6 +29,7 @@ class Defects:
     ln_eps_1e6: bool = False  # input_blocks.4.1.transformer_blocks.0.norm1 with eps 1e-6
     tanh_geglu: bool = False  # GEGLU's gate through tanh-approximate GELU
     fp16_clip_softmax: bool = False  # CLIP-L layer 0's attention softmax in float16
+    half_scores: bool = False  # the UNet's attention scores from a float16 BatchMatMul
 
 
 FAITHFUL = Defects()
@@ -111,12 +112,16 @@ def causal_mask(length: int) -> Tensor:
     return Tensor(np.triu(np.full((length, length), lowest, np.float32), k=1))
 
 
-def attention(q, k, v, heads: int, mask=None, softmax_dtype=F32):
+def attention(q, k, v, heads: int, mask=None, softmax_dtype=F32, half_scores=False):
     """Scaled dot-product attention. q (B, L, C), k and v (B, Lk, C) -> (B, L, C).
 
-    Scores come from the compute dtype's BatchMatMul, are scaled, masked and softmaxed in
-    `softmax_dtype` (float32 unless a defect says otherwise: torch's CPU attention keeps the
-    softmax in float32 for half inputs), and the probabilities meet v in v's dtype.
+    For half inputs it rounds as torch's CPU attention does: scores from a float32 BatchMatMul
+    (`half_scores`, a defect, takes the compute dtype's, as a plain MindSpore port often
+    does), a float32 softmax whose unnormalised weights exp(s - max) alone are rounded to v's
+    dtype, their product with v in float32, divided by the float32 sum and rounded once.
+    Rounding the normalised probabilities instead costs up to 1.4x torch's core error at the
+    tiny preset's widths (measured: the harness's attention-core rows). `softmax_dtype`
+    float16, a defect, softmaxes rounded scores in float16 and rounds the probabilities.
     """
     b, length, c = q.shape
     ctx_len = k.shape[1]
@@ -124,11 +129,18 @@ def attention(q, k, v, heads: int, mask=None, softmax_dtype=F32):
     qh = q.reshape(b, length, heads, d).transpose(0, 2, 1, 3)
     kh = k.reshape(b, ctx_len, heads, d).transpose(0, 2, 1, 3)
     vh = v.reshape(b, ctx_len, heads, d).transpose(0, 2, 1, 3)
+    if not half_scores:
+        qh, kh = qh.astype(F32), kh.astype(F32)
     scores = ops.matmul(qh, kh.transpose(0, 1, 3, 2)).astype(F32) * (1.0 / math.sqrt(d))
     if mask is not None:
         scores = scores + mask
-    probs = ops.softmax(scores.astype(softmax_dtype), axis=-1).astype(v.dtype)
-    out = ops.matmul(probs, vh)
+    if v.dtype == F32 or softmax_dtype != F32:
+        out = ops.matmul(ops.softmax(scores.astype(softmax_dtype), axis=-1).astype(v.dtype), vh)
+    else:
+        weights = ops.exp(scores - scores.max(axis=-1, keepdims=True))
+        total = weights.sum(axis=-1, keepdims=True)
+        out = ops.matmul(weights.astype(v.dtype).astype(F32), vh.astype(F32))
+        out = (out / total).astype(v.dtype)
     return out.transpose(0, 2, 1, 3).reshape(b, length, c)
 
 

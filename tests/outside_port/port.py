@@ -233,6 +233,14 @@ def make_fp16_clip_softmax(checkpoint, dtype="float32"):
     return OutsidePort(checkpoint, dtype, Defects(fp16_clip_softmax=True))
 
 
+def make_half_scores(checkpoint, dtype="float32"):
+    """The UNet's attention scores from the compute dtype's BatchMatMul (rounded to float16 in
+    a float16 run before the float32 softmax): a common MindSpore idiom, 1.73-1.89x torch's
+    core error with SDXL's 64-wide heads, 1.24-1.58x with tiny's 16-wide ones (measured by
+    tools/attention_core_idioms.py)."""
+    return OutsidePort(checkpoint, dtype, Defects(half_scores=True))
+
+
 class RenamedPort(OutsidePort):
     """The same port declaring its networks under names of its own ("unet", "vae", "clip_l",
     "clip_g"), as a port that does not follow sgm's tree above the networks would: pairing

@@ -41,10 +41,11 @@ class ResBlock(nn.Cell):
 
 
 class CrossAttention(nn.Cell):
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int,
+                 half_scores: bool = False):
         super().__init__()
         inner = heads * dim_head
-        self.heads = heads
+        self.heads, self.half_scores = heads, half_scores
         self.to_q = dense(query_dim, inner, bias=False)
         self.to_k = dense(context_dim, inner, bias=False)
         self.to_v = dense(context_dim, inner, bias=False)
@@ -52,7 +53,8 @@ class CrossAttention(nn.Cell):
 
     def construct(self, x, context=None):
         ctx = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads))
+        return self.to_out(attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads,
+                                     half_scores=self.half_scores))
 
 
 class GEGLU(nn.Cell):
@@ -82,9 +84,9 @@ class BasicTransformerBlock(nn.Cell):
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int,
                  defects: Defects, norm1_eps: float = LAYERNORM_EPS):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, defects.half_scores)
         self.ff = FeedForward(dim, defects.tanh_geglu)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, defects.half_scores)
         self.norm1 = LayerNorm(dim, norm1_eps)
         self.norm2 = LayerNorm(dim, LAYERNORM_EPS)
         self.norm3 = LayerNorm(dim, LAYERNORM_EPS)

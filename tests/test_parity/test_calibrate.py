@@ -114,11 +114,13 @@ def test_module_floors_keep_the_largest_value_and_where():
     assert floors["Conv2d"] == {"own_rel_l2": 1e-7}
 
 
-def test_calibrate_rejects_an_unknown_preset_or_size_before_any_work(tmp_path):
+def test_calibrate_rejects_an_unknown_preset_size_sampler_or_steps_before_any_work(tmp_path):
     from parity.cli import main
 
     assert main(["calibrate", "--preset", "tiny,huge", "--out", str(tmp_path / "c")]) == 2
     assert main(["calibrate", "--size", "30", "--out", str(tmp_path / "c")]) == 2
+    assert main(["calibrate", "--sampler", "euler,heun9", "--out", str(tmp_path / "c")]) == 2
+    assert main(["calibrate", "--steps", "0", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
 
 
@@ -156,3 +158,32 @@ def test_a_shipped_policy_is_its_derivation_from_its_shipped_floors(name):
     keep = lambda text: [ln for ln in text.splitlines()  # noqa: E731
                          if ln and not ln.startswith(("#", "description ="))]
     assert keep(derived) == keep(shipped)
+
+
+def test_each_dtypes_bounds_cite_the_cases_that_measured_it():
+    """float32 calibrated at 32 and 64 px, float16 at 64 only and with other samplers, combined:
+    each line names the sizes, samplers, steps and case count of its own dtype, not the
+    union."""
+    from parity.calibrate import combine_floors
+
+    def run(dtype, sizes, ratio, samplers, steps):
+        cases = [{"preset": "tiny", "size": z, "dtype": dtype, "seed": s, "prompt": p}
+                 for z in sizes for s in (0, 1) for p in ("a", "b")]
+        stage = {"rel_l2": 2e-6} if dtype == "float32" else {"truth_ratio": ratio,
+                                                              "ref_vs_truth": 1e-3}
+        return {"setup": {"preset": "tiny", "sizes": sizes, "seeds": [0, 1], "steps": steps,
+                          "samplers": samplers, "prompts": ["a", "b"]},
+                "device": {"port": "cpu"}, "cases": cases,
+                "dtypes": {dtype: {"unet": stage}}}
+
+    text = derive_policy(read_policy_text("default")[1],
+                         combine_floors([run("float32", [32, 64], None, ["euler"], 2),
+                                         run("float16", [64], 1.3, ["euler", "euler_a"], 4)]))
+    policy = parse_policy_text(text, "combined")
+    assert policy.limits("unet", "float16")["truth_ratio"] == {"warn": 1.62, "fail": 1.95}
+    f32 = next(ln for ln in text.splitlines() if ln.startswith("rel_l2 = { warn = 3e-06"))
+    f16 = next(ln for ln in text.splitlines() if ln.startswith("truth_ratio = { warn = 1.62"))
+    assert "(tiny at 32/64 px, euler x 2 steps, 8 cases (seeds [0, 1], 2 prompts), port on " \
+        "cpu)" in f32
+    assert "(tiny at 64 px, euler+euler_a x 4 steps, 4 cases (seeds [0, 1], 2 prompts), port " \
+        "on cpu;" in f16

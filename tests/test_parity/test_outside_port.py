@@ -188,30 +188,44 @@ def float16_golden(tmp_path_factory):
 
 def test_float16_module_truths_judge_the_outside_ports_modules(float16_golden, ms_ckpt,
                                                                 tmp_path, capsys):
-    """Every module of the outside port is judged by its own truth ratio, and all pass. Softmax
-    in float16 in one CLIP-L layer raises that layer's ratio above everything else, but not
-    past the calibrated CLIPAttention bound: the attention core is a fraction of an attention
-    module's rounding (docs/precision-at-real-widths.md, precision bugs)."""
+    """Every module of the outside port is judged by its own truth ratio, and all pass, its
+    attention cores included (its q, k, v and out projections are Cells of their own). Softmax
+    in float16 in one CLIP-L layer fails that layer's core, and only it: the whole attention
+    module's ratio moves far less, because its projections round more than its core does
+    (docs/precision-at-real-widths.md, precision bugs)."""
     from parity.cli import main
 
-    def check(factory):
+    def check(factory, stage="conditioner"):
         out = tmp_path / factory
         code = main(["check", "--golden", str(float16_golden), "--checkpoint", str(ms_ckpt),
                      "--port", f"{PORT}:{factory}", "--out", str(out), "--quiet"])
         stdout = capsys.readouterr().out
         report = json.loads((out / "report.json").read_text())
-        modules = {t["name"]: t for t in report["stages"]["conditioner"]["tensors"]
+        modules = {t["name"]: t for t in report["stages"][stage]["tensors"]
                    if t["name"].startswith("module/")}
         return code, stdout, modules
 
     code, stdout, faithful = check("make")
     assert code == 0 and stdout.startswith("PASS: 7/7"), stdout
     assert len(faithful) > 40 and all(t["verdict"] == "pass" for t in faithful.values())
-    _, _, defect = check("make_fp16_clip_softmax")
     layer = "module/text_model.encoder.layers.0.self_attn"
-    ratio = lambda modules: modules[layer]["metrics"]["truth_ratio"]  # noqa: E731
-    assert max(defect.values(), key=lambda t: t["metrics"]["truth_ratio"])["name"] == layer
-    assert ratio(defect) > 1.05 * ratio(faithful), (ratio(defect), ratio(faithful))
+    cores = [name for name in faithful if name.endswith(" (core)")]
+    assert f"{layer} (core)" in cores and len(cores) == 2, cores  # CLIP-L's two layers in use
+    code, stdout, defect = check("make_fp16_clip_softmax")
+    failing = [name for name, t in defect.items() if t["verdict"] == "fail"]
+    assert code == 1 and failing == [f"{layer} (core)"], (stdout, failing)
+    ratio = lambda modules, name: modules[name]["metrics"]["truth_ratio"]  # noqa: E731
+    core = ratio(defect, f"{layer} (core)") / ratio(faithful, f"{layer} (core)")
+    module = ratio(defect, layer) / ratio(faithful, layer)
+    assert core > 1.3 and core > module > 1.0, (core, module)
+    # scores rounded to float16 before a float32 softmax (a common MindSpore idiom) raise the
+    # UNet's cores' ratios: at tiny's 16-wide heads to about 1.26, inside the bound; on a bare
+    # core with 64-wide heads to 1.73-1.89x torch's error (tools/attention_core_idioms.py)
+    _, _, unet = check("make", "unet")
+    _, _, half = check("make_half_scores", "unet")
+    worst = lambda modules: max(t["metrics"]["truth_ratio"] for n, t in modules.items()  # noqa: E731
+                                if n.endswith(" (core)"))
+    assert worst(half) > 1.15 * worst(unet), (worst(half), worst(unet))
 
 
 def test_names_that_differ_from_sgms_pair_through_a_mapping(ms_ckpt, tmp_path, capsys):

@@ -243,11 +243,17 @@ def test_every_module_of_the_faithful_float16_port_is_within_its_truth_bound(fp1
             m = t.metrics
             assert m.ref_vs_truth is not None and m.port_vs_truth is not None
             assert m.truth_ratio == pytest.approx(m.port_vs_truth / max(m.ref_vs_truth, floor))
+    # a row per attention core where the port's q, k, v are modules of their own: CLIP-L's
+    # two layers in use, the UNet's 17 transformer blocks' two, the VAE's one (bigG computes
+    # q, k and v in one in_proj of the attention's own: no core row)
+    cores = {stage: sum(t.name.endswith(" (core)") for t in _module_results(report, stage))
+             for stage in ("conditioner", "unet", "decode")}
+    assert cores == {"conditioner": 2, "unet": 34, "decode": 1}, cores
     sinusoid = report.stages["unet"].find("module/time_proj", 0)
     assert sinusoid is not None and sinusoid.metrics.port_vs_truth < 1e-6  # float32 on both sides
 
 
-@pytest.mark.parametrize("bug", ["groupnorm", "timestep", "vae"])
+@pytest.mark.parametrize("bug", ["softmax", "groupnorm", "timestep", "vae"])
 def test_a_float16_precision_bug_fails_at_its_stage_naming_its_module(bug, fp16_modules,
                                                                       tmp_path, monkeypatch):
     from fp16_bugs import FAILS_AT, inject
@@ -261,7 +267,8 @@ def test_a_float16_precision_bug_fails_at_its_stage_naming_its_module(bug, fp16_
     report = _check(fp16_modules, tmp_path, stages=upto)
     failing = [s.name for s in report.ordered_stages() if s.verdict.value == "fail"]
     assert failing[:1] == [stage], report.headline()
-    kind = {"groupnorm": "GroupNorm", "timestep": "SinusoidalTimesteps", "vae": "Conv2d"}[bug]
+    kind = {"softmax": "CLIPAttentionCore", "groupnorm": "GroupNorm",
+            "timestep": "SinusoidalTimesteps", "vae": "Conv2d"}[bug]
     failing = [t for t in _module_results(report, stage) if t.verdict.value == "fail"]
     assert failing and any(f"({kind})" in t.reasons[0] for t in failing), \
         [t.reasons for t in failing]
@@ -269,24 +276,52 @@ def test_a_float16_precision_bug_fails_at_its_stage_naming_its_module(bug, fp16_
         assert all(f"({kind})" in t.reasons[0] for t in failing), [t.reasons for t in failing]
 
 
-def test_softmax_in_float16_raises_every_attention_modules_ratio(fp16_modules, tmp_path,
-                                                                 monkeypatch):
-    """The softmax bug is no bound's catch (docs/precision-at-real-widths.md: the attention
-    core is a fraction of an attention module's rounding, so the bug moves the module's
-    ratio by ~1.1-1.15x, inside the faithful port's spread); its signal is still there, in
-    every attention module of the conditioner: each one's ratio goes up."""
-    from fp16_bugs import inject
+def _softmax_attention(q, k, v, heads: int, causal: bool) -> np.ndarray:
+    """softmax(q k^T / sqrt(d)) v per image and head, in float64 numpy: (B, L, heads*d)."""
+    b, length, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.astype(np.float64).reshape(b, t.shape[1], heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(d)
+    if causal:
+        scores = scores + np.triu(np.full((length, k.shape[1]), -np.inf), 1)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ split(v)).transpose(0, 2, 1, 3).reshape(b, length, inner)
 
-    def ratios():
-        report = _check(fp16_modules, tmp_path, stages=("conditioner",))
-        return {t.name: t.metrics.truth_ratio for t in _module_results(report, "conditioner")
-                if t.name.endswith((".self_attn", ".attn"))}
 
-    faithful = ratios()
-    inject("softmax", monkeypatch.setattr)
-    with_bug = ratios()
-    assert len(faithful) >= 5 and faithful.keys() == with_bug.keys()  # the last CLIP-L layer is unused
-    assert all(with_bug[n] > faithful[n] for n in faithful), (faithful, with_bug)
+def test_an_attention_cores_truth_is_float64_attention_on_the_references_q_k_v(fp16_modules):
+    """Each captured attention core (`module_kinds.ATTENTION_PARTS`) holds the reference's q,
+    k, v (its projections' outputs), its core output (the output projection's input) and the
+    core's float64 truth on exactly those q, k, v: here recomputed in numpy, causal in the
+    text encoders, and the reference's own float16 core is within float16 rounding of it."""
+    from parity.module_capture import CaptureIndex, CaptureReader
+    from sdxl_ms.config import TINY
+
+    rec, _ = fp16_modules
+    heads = {"CLIPAttention": TINY.conditioner.clip_l.heads,
+             "MultiheadAttention": TINY.conditioner.clip_g.heads, "AttnBlock": 1}
+    checked = {}
+    for stage in ("conditioner", "unet", "decode"):
+        index_dict, path = rec.modules[stage]
+        reader = CaptureReader(path, CaptureIndex.from_dict(index_dict))
+        try:
+            for i, pair in enumerate(reader.index.pairs):
+                if "core_truth" not in reader.index.members[i]:
+                    continue
+                got = reader.tensors(i)
+                n = heads.get(pair.kind) or got["q"].shape[-1] // TINY.unet.num_head_channels
+                want = _softmax_attention(got["q"], got["k"], got["v"], n,
+                                          causal=stage == "conditioner")
+                truth = got["core_truth"].reshape(want.shape)
+                assert np.linalg.norm(truth - want) <= 1e-6 * np.linalg.norm(want), pair.reference
+                own = np.linalg.norm(got["core"].reshape(want.shape) - want) / np.linalg.norm(want)
+                assert (1e-5 if stage == "decode" else 2e-3) > own, (pair.reference, own)
+                checked[pair.kind] = checked.get(pair.kind, 0) + 1
+        finally:
+            reader.close()
+    # CLIP-L's 3 layers and bigG's 3, every UNet attention, the VAE's mid-block attention
+    assert checked == {"CLIPAttention": 3, "MultiheadAttention": 3, "CrossAttention": 34,
+                       "AttnBlock": 1}, checked
 
 
 @pytest.mark.parametrize("stage", ["conditioner", "decode"])

@@ -252,3 +252,100 @@ def test_attention_scale_on_q_gives_the_bits_of_scaling_the_scores(d):
     got = layers.attention_heads_t(q, k, v, heads)
     assert layers._exact_scale(1.0 / np.sqrt(d)) == (d == 64)
     np.testing.assert_array_equal(got.asnumpy(), want.reshape(heads * d, length).asnumpy())
+
+
+def _seeded(module, dtype, seed: int):
+    """`module` with random weights (scaled for unit-size activations), cast to `dtype`."""
+    import mindspore as ms
+
+    from sdxl_ms.nn.precision import cast
+
+    rng = np.random.default_rng(seed)
+    for param in module.get_parameters():
+        fan_in = param.shape[-1] if len(param.shape) > 1 else 1
+        param.set_data(ms.Tensor((rng.standard_normal(param.shape) / np.sqrt(fan_in))
+                                 .astype(np.float32)))
+    return cast(module, dtype)
+
+
+def _attentions(dtype, length: int):
+    """(module, inputs, q/k/v children) of the built-in port's two attentions with projection
+    children: CLIP-L's causal self-attention and the UNet's cross-attention."""
+    import mindspore as ms
+
+    from sdxl_ms.config import TINY
+    from sdxl_ms.models.clip_text import CLIPAttention
+    from sdxl_ms.models.unet import CrossAttention
+
+    rng = np.random.default_rng(3)
+    batch, width, ctx_width = 2, 32, 24
+    x = ms.Tensor(rng.standard_normal((batch * length, width)).astype(np.float32)).astype(dtype)
+    ctx = ms.Tensor(rng.standard_normal((batch * 77, ctx_width)).astype(np.float32)).astype(dtype)
+    clip = _seeded(CLIPAttention(TINY.conditioner.clip_l), dtype, 0)
+    xc = ms.Tensor(rng.standard_normal((batch * 77, TINY.conditioner.clip_l.width)).astype(np.float32)
+                   ).astype(dtype)
+    cross = _seeded(CrossAttention(width, ctx_width, 2, 16), dtype, 1)
+    own = _seeded(CrossAttention(width, width, 2, 16), dtype, 2)
+    return [(clip, (xc, batch), (clip.q_proj, clip.k_proj, clip.v_proj)),
+            (cross, (x, ctx, batch), (cross.to_q, cross.to_k, cross.to_v)),
+            (own, (x, None, batch), (own.to_q, own.to_k, own.to_v))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("length", [64, 512], ids=["batched", "per-image"])
+def test_a_watched_attention_computes_the_bits_of_an_unwatched_one(dtype, length):
+    """With a hook on its projections (the harness watching), an attention takes q, k and v
+    from its children's calls, all images at once, and attends image by image on column
+    blocks where the unwatched path projects image by image (512 tokens: past
+    `_BATCHED_SCORES_MAX`): the same bits either way, so what `locate` runs is what `check`
+    ran."""
+    import mindspore as ms
+
+    seen = []
+    for module, inputs, children in _attentions(getattr(ms, dtype), length):
+        plain = module(*inputs).asnumpy()
+        handles = [child.register_forward_hook(lambda cell, args, out: seen.append(out.shape))
+                   for child in children]
+        try:
+            watched = module(*inputs).asnumpy()
+        finally:
+            for handle in handles:
+                handle.remove()
+        np.testing.assert_array_equal(watched, plain)
+    # each projection was called once per module call, with every image's rows
+    assert len(seen) == 9 and seen[3][0] == 2 * length and seen[0][0] == 2 * 77
+
+
+def test_a_forward_hook_that_returns_a_value_replaces_the_output():
+    """The observer slot does what a MindSpore Cell's forward hook does: a returned value is
+    the output from then on, through the plain call and the transposed entry point alike (the
+    harness teacher-forces an attention's q, k and v this way)."""
+    import mindspore as ms
+
+    (module, inputs, children), = _attentions(ms.float32, 64)[1:2]
+    to_v = children[2]
+    zero = []
+    handle = to_v.register_forward_hook(
+        lambda cell, args, out: zero.append(out.shape) or ms.ops.zeros_like(out))
+    try:
+        out = module(*inputs).asnumpy()
+    finally:
+        handle.remove()
+    # v = 0: every head's output is 0, and the module's output is to_out's bias alone
+    bias = module.to_out[0].bias.asnumpy()
+    np.testing.assert_allclose(out, np.broadcast_to(bias, out.shape), rtol=0, atol=1e-7)
+    assert zero == [(2 * 77, 32)]  # the plain (tokens, out) layout, as the plain call gives
+    # the plain call: the VAE attention's 1x1 convolutions (v = 0: x + proj_out's bias)
+    from sdxl_ms.config import TINY
+    from sdxl_ms.models.autoencoder import AttnBlock
+
+    block = _seeded(AttnBlock(TINY.vae, 32), ms.float32, 4)
+    x = ms.Tensor(np.random.default_rng(5).standard_normal((1, 32, 4, 4)).astype(np.float32))
+    handle = block.v.register_forward_hook(lambda cell, args, out: ms.ops.zeros_like(out))
+    try:
+        out = block(x).asnumpy()
+    finally:
+        handle.remove()
+    want = x.asnumpy() + block.proj_out.bias.asnumpy()[None, :, None, None]
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+    assert np.abs(block(x).asnumpy() - want).max() > 1e-2  # unhooked: v is v again
