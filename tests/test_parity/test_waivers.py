@@ -2,7 +2,9 @@
 an expired, stale or exceeded waiver fails the run with one line; a malformed file is exit 2.
 
 The failure waived here is real: `tests/adapters.py:float16_decoder_attention` (the VAE
-mid-block attention in float16) fails `decode` at `probe/decoded` only (rel_l2 ~4.4e-4)."""
+mid-block attention in float16) fails `decode` at `probe/decoded` only (rel_l2 about 4e-4; its
+third digit moves between hosts, 3.94e-4 on one and 3.95e-4 on another, so the messages below
+are checked against the report's own measured value)."""
 from __future__ import annotations
 
 import re
@@ -84,13 +86,17 @@ def test_the_readme_example_waives_its_one_failure(fp16_attention_report, tmp_pa
      "stage 'decode'"),
     ({"bound": "{ rel_l2 = 1e-4 }"},
      "waiver 'waiver #1' (vae-team, until 2099-12-31) exceeded at stage 'decode', tensor "
-     "'probe/decoded': rel_l2 3.94"),
+     "'probe/decoded': rel_l2 {measured} > waiver bound 1.00e-04"),
     ({"bound": None},  # no bound: the policy's rel_l2 fail bound 1e-5, ten times looser
-     "exceeded at stage 'decode', tensor 'probe/decoded': rel_l2 3.94"),
+     "exceeded at stage 'decode', tensor 'probe/decoded': rel_l2 {measured} > waiver bound 1.00e-04"),
     ({"module": '"encoder.*"'}, "is stale"),
 ])
 def test_an_expired_stale_or_exceeded_waiver_fails_the_run_in_one_line(
         fp16_attention_report, tmp_path, fields, problem):
+    measured = ParityReport.from_dict(fp16_attention_report).stages["decode"].find(
+        "probe/decoded", None).metrics.rel_l2
+    assert 3e-4 < measured < 6e-4  # the float16 attention's own size, well over 1e-4
+    problem = problem.format(measured=f"{measured:.2e}")
     report, outcome = _apply(fp16_attention_report, tmp_path, _waiver(**fields),
                              modules={"decode": "decoder.mid.attn_1"})
     assert len(outcome.problems) == 1 and problem in outcome.problems[0]
