@@ -88,7 +88,8 @@ def test_the_readme_example_waives_its_one_failure(fp16_attention_report, tmp_pa
      "waiver 'waiver #1' (vae-team, until 2099-12-31) exceeded at stage 'decode', tensor "
      "'probe/decoded': rel_l2 {measured} > waiver bound 1.00e-04"),
     ({"bound": None},  # no bound: the policy's rel_l2 fail bound 1e-5, ten times looser
-     "exceeded at stage 'decode', tensor 'probe/decoded': rel_l2 {measured} > waiver bound 1.00e-04"),
+     "exceeded at stage 'decode', tensor 'probe/decoded': rel_l2 {measured} > waiver bound "
+     "1.00e-04"),
     ({"module": '"encoder.*"'}, "is stale"),
 ])
 def test_an_expired_stale_or_exceeded_waiver_fails_the_run_in_one_line(
